@@ -1,0 +1,62 @@
+# followups: `make run` to try it, `make test` to check it. `make help` lists the rest.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: help install services run test test-unit test-integration test-e2e lint format typecheck check bench chaos clean
+
+help:
+	@echo "make run        install, migrate, declare the topology, run the three services"
+	@echo "make test       install and run every test tier against local PostgreSQL and RabbitMQ"
+	@echo "make check      lint (ruff), format check, types (mypy) and the tests"
+	@echo "make bench      benchmarks (not part of make test)"
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+services:
+	@scripts/ensure-services.sh
+
+run: install services
+	$(BIN)/followups migrate
+	$(BIN)/followups declare
+	$(BIN)/followups run all
+
+test: install services
+	$(BIN)/pytest tests
+
+test-unit: install
+	$(BIN)/pytest tests/unit
+
+test-integration: install services
+	$(BIN)/pytest tests/integration
+
+test-e2e: install services
+	$(BIN)/pytest tests/e2e
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install
+	$(BIN)/mypy shared services
+
+check: lint typecheck test
+
+bench: install services
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Start the local PostgreSQL and RabbitMQ if they are down, and wait until both answer.
+set -euo pipefail
+
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
+rabbit_up() { timeout 5 bash -c '</dev/tcp/127.0.0.1/5672' 2>/dev/null; }
+
+if ! pg_up; then
+    echo "PostgreSQL is down: starting it"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+fi
+if ! rabbit_up; then
+    echo "RabbitMQ is down: starting it"
+    rabbitmq-server -detached
+fi
+for _ in $(seq 1 90); do
+    if pg_up && rabbit_up; then
+        exit 0
+    fi
+    sleep 1
+done
+echo "PostgreSQL or RabbitMQ did not come up within 90 s: check 'pg_lsclusters' and 'rabbitmqctl status'" >&2
+exit 1

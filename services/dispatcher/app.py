@@ -1,0 +1,55 @@
+"""Dispatcher wiring: settings, broker, pool, the gateway and the due-timer subscriber."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import partial
+
+import httpx
+from faststream import FastStream
+from standardwebhooks import Webhook
+
+from services.dispatcher.gateway import ConsoleSink, Gateway, WebhookGateway
+from services.dispatcher.handlers import DispatcherDeps, handle
+from shared.consumer import Handler
+from shared.service import Runtime, create_service_app
+from shared.settings import Settings
+from shared.timers import utcnow
+from shared.topology import DISPATCHER_DUE
+
+
+def make_gateway(settings: Settings) -> Gateway:
+    if settings.n8n_outbound_webhook_url is None:
+        return ConsoleSink()
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.webhook_timeout_seconds, connect=5.0),
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=settings.dispatch_concurrency),
+    )
+    secret = settings.webhook_signing_secret
+    signer = Webhook(secret.get_secret_value()) if secret else None
+    return WebhookGateway(str(settings.n8n_outbound_webhook_url), client, signer)
+
+
+def create_app(settings: Settings) -> FastStream:
+    gateway = make_gateway(settings)
+
+    def _handler(runtime: Runtime) -> Handler:
+        deps = DispatcherDeps(
+            store=runtime.store,
+            timer=runtime.timer,
+            publisher=runtime.publisher,
+            gateway=gateway,
+            clock=utcnow,
+            rate_limit_per_minute=settings.sms_rate_limit_per_minute,
+            max_attempts=settings.dispatch_max_attempts,
+            # Longer than the webhook timeout, so a live dispatcher is never taken over.
+            lease=timedelta(seconds=settings.webhook_timeout_seconds * 2 + 5),
+        )
+        return partial(handle, deps=deps)
+
+    app = create_service_app(
+        "dispatcher", settings, DISPATCHER_DUE, _handler, prefetch=settings.dispatch_concurrency
+    )
+    app.after_shutdown(gateway.aclose)
+    return app

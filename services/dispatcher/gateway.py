@@ -1,0 +1,157 @@
+"""Where an SMS goes: the n8n webhook (CONTRACT §3), or a console sink that sends nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+from typing import Any, TextIO
+
+import httpx
+from standardwebhooks import Webhook
+
+from shared.logging import mask_phone
+
+RETRYABLE_STATUS = frozenset({408, 429})
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    RETRY = "retry"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SmsRequest:
+    phone: str
+    message: str
+    contractor_id: int
+    followup_id: int
+    followup_type: str
+    scheduled_time: datetime
+    idempotency_key: str
+    attempt: int
+    priority: int
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "phone": self.phone,
+            "message": self.message,
+            "contractor_id": self.contractor_id,
+            "followup_id": self.followup_id,
+            "followup_type": self.followup_type,
+            "scheduled_time": self.scheduled_time.isoformat(),
+            "idempotency_key": self.idempotency_key,
+            "priority": self.priority,
+        }
+
+
+@dataclass(frozen=True)
+class GatewayResult:
+    outcome: Outcome
+    reason: str
+    http_status: int | None = None
+    retry_after: float | None = None
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(value) - now).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def classify(status: int, retry_after: str | None, now: datetime) -> GatewayResult:
+    if 200 <= status < 300:
+        return GatewayResult(Outcome.SENT, f"http_{status}", status)
+    if status in RETRYABLE_STATUS or status >= 500:
+        return GatewayResult(
+            Outcome.RETRY, f"http_{status}", status, parse_retry_after(retry_after, now)
+        )
+    return GatewayResult(Outcome.FAILED, f"http_{status}", status)
+
+
+class Gateway(ABC):
+    sent_by: str
+
+    @abstractmethod
+    async def send(self, request: SmsRequest) -> GatewayResult: ...
+
+    async def aclose(self) -> None:
+        return None
+
+
+class WebhookGateway(Gateway):
+    """POSTs to the configured webhook; signs with Standard Webhooks when a secret is set."""
+
+    sent_by = "dispatcher"
+
+    def __init__(self, url: str, client: httpx.AsyncClient, signer: Webhook | None) -> None:
+        self._url = url
+        self._client = client
+        self._signer = signer
+
+    def _headers(self, request: SmsRequest, body: str) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": request.idempotency_key,
+            "User-Agent": "followups-dispatcher",
+        }
+        if self._signer is not None:
+            now = datetime.now(UTC)
+            headers["webhook-id"] = request.idempotency_key
+            headers["webhook-timestamp"] = str(int(now.timestamp()))
+            headers["webhook-signature"] = self._signer.sign(request.idempotency_key, now, body)
+        return headers
+
+    async def send(self, request: SmsRequest) -> GatewayResult:
+        body = json.dumps(request.payload(), separators=(",", ":"))
+        try:
+            response = await self._client.post(
+                self._url, content=body.encode(), headers=self._headers(request, body)
+            )
+        except httpx.TimeoutException:
+            return GatewayResult(Outcome.RETRY, "timeout")
+        except httpx.TransportError as exc:
+            return GatewayResult(Outcome.RETRY, f"connection_error:{exc.__class__.__name__}")
+        return classify(response.status_code, response.headers.get("Retry-After"), datetime.now(UTC))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class ConsoleSink(Gateway):
+    """For `make run` without a webhook: shows what would be sent and says plainly it was not."""
+
+    sent_by = "console-sink"
+
+    def __init__(self, stream: TextIO = sys.stdout) -> None:
+        self._stream = stream
+
+    async def send(self, request: SmsRequest) -> GatewayResult:
+        now = datetime.now(UTC)
+        lateness = (now - request.scheduled_time).total_seconds() * 1000
+        self._stream.write(
+            "\n──── CONSOLE SINK · NOT SENT: N8N_OUTBOUND_WEBHOOK_URL is unset ────\n"
+            f"follow-up {request.followup_id} ({request.followup_type}) to contractor "
+            f"{request.contractor_id} at {mask_phone(request.phone)}\n"
+            f"due {request.scheduled_time.isoformat()} · now {now.isoformat()} "
+            f"· {lateness:+.1f} ms\n"
+            f"{request.message}\n"
+            "────────────────────────────────────────────────────────────────────\n"
+        )
+        self._stream.flush()
+        return GatewayResult(Outcome.SENT, "console_sink")

@@ -1,0 +1,30 @@
+"""Scheduler wiring: settings, broker, pool and the inbox subscriber."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import partial
+
+from faststream import FastStream
+
+from services.scheduler.handlers import SchedulerDeps, handle
+from shared.consumer import Handler
+from shared.service import Runtime, create_service_app
+from shared.settings import Settings
+from shared.timers import utcnow
+from shared.topology import SCHEDULER_INBOX
+
+
+def _handler(runtime: Runtime) -> Handler:
+    deps = SchedulerDeps(
+        store=runtime.store,
+        timer=runtime.timer,
+        publisher=runtime.publisher,
+        personalize_lead=timedelta(seconds=runtime.settings.personalize_lead_seconds),
+        clock=utcnow,
+    )
+    return partial(handle, deps=deps)
+
+
+def create_app(settings: Settings) -> FastStream:
+    return create_service_app("scheduler", settings, SCHEDULER_INBOX, _handler, prefetch=32)

@@ -1,0 +1,98 @@
+"""One way to consume a work queue: ack after the effect is stored, retry what is transient,
+dead-letter what can never succeed, and let the delivery limit stop a poison message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from faststream.rabbit.message import RabbitMessage
+
+from shared.bus import Publisher, dead_letter
+from shared.db import CONNECTION_ERRORS
+from shared.errors import Rejected, RetryLater
+from shared.logging import get_logger
+from shared.topology import WorkQueue
+
+log = get_logger("followups.consumer")
+
+# A transient failure is retried here a few times before the message goes back to the broker,
+# so a database blip does not spend the queue's delivery limit.
+RETRY_PAUSES = (0.2, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    body: bytes
+    routing_key: str
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
+    content_type: str | None = None
+    redelivered: bool = False
+
+    @classmethod
+    def from_rabbit(cls, message: RabbitMessage) -> Incoming:
+        raw = message.raw_message
+        return cls(
+            body=message.body,
+            routing_key=raw.routing_key or "",
+            headers=dict(raw.headers or {}),
+            message_id=raw.message_id,
+            content_type=raw.content_type,
+            redelivered=bool(raw.redelivered),
+        )
+
+
+Handler = Callable[[Incoming], Awaitable[None]]
+
+
+async def consume(
+    message: RabbitMessage, queue: WorkQueue, handler: Handler, publisher: Publisher
+) -> None:
+    """Run `handler` for one delivery and settle it (the subscriber uses AckPolicy.MANUAL)."""
+    incoming = Incoming.from_rabbit(message)
+    try:
+        await _with_retries(handler, incoming)
+    except Rejected as exc:
+        log.warning(
+            "message rejected to the dead-letter queue",
+            queue=queue.name, rule=exc.rule, reason=exc.detail, routing_key=incoming.routing_key,
+        )
+        await dead_letter(
+            publisher,
+            dead_letter_queue=queue.dead_letter_queue,
+            body=incoming.body,
+            headers=dict(incoming.headers),
+            rule=exc.rule,
+            detail=exc.detail,
+            source_routing_key=incoming.routing_key,
+        )
+        await message.ack()
+    except asyncio.CancelledError:
+        await message.nack(requeue=True)
+        raise
+    except Exception as exc:
+        # Unknown failure: back to the queue; the delivery limit dead-letters a poison message.
+        log.error(
+            "handler failed; message returned to the queue",
+            queue=queue.name, error=exc.__class__.__name__, routing_key=incoming.routing_key,
+            exc_info=not isinstance(exc, (RetryLater, *CONNECTION_ERRORS)),
+        )
+        await message.nack(requeue=True)
+    else:
+        await message.ack()
+
+
+async def _with_retries(handler: Handler, incoming: Incoming) -> None:
+    for pause in (*RETRY_PAUSES, None):
+        try:
+            await handler(incoming)
+            return
+        except (RetryLater, *CONNECTION_ERRORS) as exc:
+            if pause is None:
+                raise
+            log.warning("transient failure; trying again", error=exc.__class__.__name__,
+                        pause_seconds=pause)
+            await asyncio.sleep(pause)

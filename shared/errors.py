@@ -1,0 +1,34 @@
+"""The one error hierarchy of followups.
+
+FollowupsError
+ ├── RetryLater   transient: the message goes back to the broker and is tried again
+ └── Rejected     permanent: the message is copied to the dead-letter queue with a reason, never retried
+      └── InvalidMessage   the message itself is malformed (size, JSON, schema, routing key)
+"""
+
+from __future__ import annotations
+
+
+class FollowupsError(Exception):
+    """Base of every error followups raises on purpose."""
+
+
+class RetryLater(FollowupsError):
+    """A dependency is unavailable right now; the same message may succeed later."""
+
+
+class Rejected(FollowupsError):
+    """The message can never succeed; it goes to the dead-letter queue with `rule` as the reason."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+        self.detail = detail
+
+
+class InvalidMessage(Rejected):
+    """The message failed validation at the edge."""
+
+
+class ConfigurationError(FollowupsError):
+    """A setting is unusable; the process must not start with it."""

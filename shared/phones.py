@@ -1,0 +1,23 @@
+"""Phone numbers: validated with libphonenumber and normalised to E.164 before any send."""
+
+from __future__ import annotations
+
+import phonenumbers
+
+
+class InvalidPhone(ValueError):
+    """The number can't receive an SMS; the reason never contains the number itself."""
+
+
+def to_e164(raw: str | None, default_region: str = "US") -> str:
+    if raw is None or not raw.strip():
+        raise InvalidPhone("missing phone number")
+    if not raw.isascii():
+        raise InvalidPhone("phone number has non-ASCII characters")
+    try:
+        parsed = phonenumbers.parse(raw, default_region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidPhone(f"unparseable phone number (code {exc.error_type})") from None
+    if not phonenumbers.is_valid_number(parsed):
+        raise InvalidPhone("not a valid phone number for its region")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)

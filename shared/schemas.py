@@ -1,0 +1,209 @@
+"""Wire formats: inbound commands, outbound lifecycle events and timer messages (CONTRACT §2)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from shared.errors import InvalidMessage
+
+MAX_MESSAGE_BYTES = 16 * 1024
+MAX_HINTS_BYTES = 4 * 1024
+# Far enough to catch a unit mix-up (seconds read as milliseconds), near enough for any real plan.
+MAX_PAST = timedelta(days=365)
+MAX_FUTURE = timedelta(days=3650)
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+PositiveId = Annotated[int, Field(gt=0, strict=True)]
+E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$")]
+
+
+class Status(StrEnum):
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    SENT = "sent"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+FINAL_STATUSES = frozenset({Status.SENT, Status.CANCELLED, Status.SKIPPED, Status.FAILED})
+
+
+class _Inbound(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+def _check_time_window(moment: datetime, now: datetime) -> None:
+    if moment < now - MAX_PAST:
+        raise ValueError("scheduled_time is more than a year in the past")
+    if moment > now + MAX_FUTURE:
+        raise ValueError("scheduled_time is more than ten years ahead")
+
+
+class FollowupRequested(_Inbound):
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    contractor_id: PositiveId
+    scheduled_time: AwareDatetime
+    followup_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    message_template: Annotated[str, StringConstraints(min_length=1, max_length=1600)]
+    message_tone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "friendly"
+    action_item_id: PositiveId | None = None
+    event_id: PositiveId | None = None
+    ai_should_personalize: bool = False
+    ai_context_hints: dict[str, Any] = Field(default_factory=dict)
+    skip_if_completed: bool = False
+    is_recurring: bool = False
+    recurrence_interval_days: Annotated[int, Field(ge=1, le=3650, strict=True)] | None = None
+    priority: Annotated[int, Field(ge=0, le=9, strict=True)] = 0
+    requested_by: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if self.skip_if_completed and self.action_item_id is None:
+            raise ValueError("skip_if_completed needs action_item_id")
+        if self.is_recurring and self.recurrence_interval_days is None:
+            raise ValueError("is_recurring needs recurrence_interval_days")
+        if len(json.dumps(self.ai_context_hints).encode()) > MAX_HINTS_BYTES:
+            raise ValueError(f"ai_context_hints is larger than {MAX_HINTS_BYTES} bytes")
+        _check_time_window(self.scheduled_time, datetime.now(UTC))
+        return self
+
+
+class _ByReference(_Inbound):
+    followup_id: PositiveId | None = None
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> Self:
+        if (self.followup_id is None) == (self.idempotency_key is None):
+            raise ValueError("give exactly one of followup_id or idempotency_key")
+        return self
+
+
+class CancelRequested(_ByReference):
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class RescheduleRequested(_ByReference):
+    scheduled_time: AwareDatetime
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        _check_time_window(self.scheduled_time, datetime.now(UTC))
+        return self
+
+
+class ResponseReceived(_Inbound):
+    contractor_id: PositiveId | None = None
+    phone: E164 | None = None
+    text: Annotated[str, StringConstraints(max_length=1600)]
+    received_at: AwareDatetime | None = None
+    followup_id: PositiveId | None = None
+
+    @model_validator(mode="after")
+    def _sender(self) -> Self:
+        if self.contractor_id is None and self.phone is None:
+            raise ValueError("give contractor_id or phone")
+        return self
+
+
+InboundCommand = FollowupRequested | CancelRequested | RescheduleRequested | ResponseReceived
+
+INBOUND: dict[str, type[_Inbound]] = {
+    "followup.requested": FollowupRequested,
+    "followup.cancel_requested": CancelRequested,
+    "followup.reschedule_requested": RescheduleRequested,
+    "followup.response_received": ResponseReceived,
+}
+
+
+def _first_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:3]:
+        where = ".".join(str(p) for p in error["loc"]) or "message"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _Inbound:
+    """Validate one inbound message; InvalidMessage names the rule that failed."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage("too_large", f"{len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    schema = INBOUND.get(routing_key)
+    if schema is None:
+        raise InvalidMessage("unknown_routing_key", f"{routing_key!r} is not a followups command")
+    if content_type not in (None, "", "application/json"):
+        raise InvalidMessage("content_type", f"{content_type!r}; send application/json")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessage("malformed_json", f"not valid UTF-8 JSON ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise InvalidMessage("malformed_json", "the body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidMessage("schema", _first_error(exc)) from None
+
+
+class LifecycleEvent(BaseModel):
+    """What the system publishes on exchange `followups`: never a phone number or message text."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: Literal[
+        "followup.scheduled",
+        "followup.sent",
+        "followup.skipped",
+        "followup.cancelled",
+        "followup.failed",
+        "followup.response_recorded",
+    ]
+    followup_id: int
+    contractor_id: int
+    followup_type: str
+    status: Status
+    occurred_at: datetime
+    scheduled_time: datetime | None = None
+    reason: str | None = None
+    attempts: int | None = None
+    lateness_ms: float | None = None
+    next_occurrence_id: int | None = None
+    requested_by: str | None = None
+
+
+class TimerKind(StrEnum):
+    PERSONALIZE = "personalize"
+    DISPATCH = "dispatch"
+
+
+class TimerMessage(BaseModel):
+    """What a timer carries: the row and the version it was armed for, never the content."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: TimerKind
+    followup_id: PositiveId
+    version: Annotated[int, Field(ge=1)]
+    fire_at: AwareDatetime
+    attempt: Annotated[int, Field(ge=1)] = 1
+
+
+def parse_timer(body: bytes) -> TimerMessage:
+    try:
+        return TimerMessage.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidMessage("timer_schema", _first_error(exc)) from None

@@ -1,0 +1,80 @@
+"""Wiring common to the three services: one FastStream app consuming one work queue."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+from faststream import AckPolicy, FastStream
+from faststream.rabbit import Channel, QueueType, RabbitQueue
+from faststream.rabbit.annotations import RabbitMessage
+
+from shared.bus import BrokerPublisher, make_broker
+from shared.consumer import Handler, consume
+from shared.db import create_pool
+from shared.logging import configure_logging, get_logger
+from shared.settings import Settings
+from shared.store import FollowupStore
+from shared.timers import Timer, make_timer, resolve_backend
+from shared.topology import WorkQueue, declare_topology
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a service's handlers may use; built once when the service starts."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    publisher: BrokerPublisher
+    timer: Timer
+    store: FollowupStore
+
+
+def create_service_app(
+    name: str,
+    settings: Settings,
+    queue: WorkQueue,
+    make_handler: Callable[[Runtime], Handler],
+    *,
+    prefetch: int,
+) -> FastStream:
+    configure_logging(settings)
+    log = get_logger(f"followups.{name}").bind(service=name)
+    broker = make_broker(settings.rabbitmq_url, logger=log)
+    publisher = BrokerPublisher(broker)
+    handlers: list[Handler] = []
+
+    @broker.subscriber(
+        RabbitQueue(queue.name, queue_type=QueueType.QUORUM, declare=False),
+        ack_policy=AckPolicy.MANUAL,
+        channel=Channel(prefetch_count=prefetch),
+    )
+    async def on_message(message: RabbitMessage) -> None:
+        await consume(message, queue, handlers[0], publisher)
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        backend = await resolve_backend(settings.rabbitmq_url, settings.delay_backend)
+        await declare_topology(
+            settings.rabbitmq_url, backend=backend, queue_type=settings.delay_queue_type
+        )
+        pool = await create_pool(settings.database_url, max_size=max(4, prefetch + 2))
+        runtime = Runtime(
+            settings=settings,
+            pool=pool,
+            publisher=publisher,
+            timer=make_timer(backend, publisher),
+            store=FollowupStore(pool),
+        )
+        handlers.append(make_handler(runtime))
+        log.info("service starting", queue=queue.name, timer_backend=backend.value,
+                 prefetch=prefetch)
+        try:
+            yield
+        finally:
+            await pool.close()
+            log.info("service stopped")
+
+    return FastStream(broker, lifespan=lifespan, logger=log)
