@@ -1,1 +1,1 @@
-"""Code the followups services, the CLI and the tests share: schemas, settings, storage, topology, timers."""
+"""What the followups services, CLI and tests share: schemas, settings, storage, timers."""

@@ -21,6 +21,7 @@ log = get_logger("followups.consumer")
 # A transient failure is retried here a few times before the message goes back to the broker,
 # so a database blip does not spend the queue's delivery limit.
 RETRY_PAUSES = (0.2, 0.5, 1.0, 2.0, 4.0)
+TRANSIENT: tuple[type[BaseException], ...] = (RetryLater, *CONNECTION_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,10 @@ async def consume(
     except Rejected as exc:
         log.warning(
             "message rejected to the dead-letter queue",
-            queue=queue.name, rule=exc.rule, reason=exc.detail, routing_key=incoming.routing_key,
+            queue=queue.name,
+            rule=exc.rule,
+            reason=exc.detail,
+            routing_key=incoming.routing_key,
         )
         await dead_letter(
             publisher,
@@ -77,8 +81,10 @@ async def consume(
         # Unknown failure: back to the queue; the delivery limit dead-letters a poison message.
         log.error(
             "handler failed; message returned to the queue",
-            queue=queue.name, error=exc.__class__.__name__, routing_key=incoming.routing_key,
-            exc_info=not isinstance(exc, (RetryLater, *CONNECTION_ERRORS)),
+            queue=queue.name,
+            error=exc.__class__.__name__,
+            routing_key=incoming.routing_key,
+            exc_info=not isinstance(exc, TRANSIENT),
         )
         await message.nack(requeue=True)
     else:
@@ -90,9 +96,10 @@ async def _with_retries(handler: Handler, incoming: Incoming) -> None:
         try:
             await handler(incoming)
             return
-        except (RetryLater, *CONNECTION_ERRORS) as exc:
+        except TRANSIENT as exc:
             if pause is None:
                 raise
-            log.warning("transient failure; trying again", error=exc.__class__.__name__,
-                        pause_seconds=pause)
+            log.warning(
+                "transient failure; trying again", error=exc.__class__.__name__, pause_seconds=pause
+            )
             await asyncio.sleep(pause)

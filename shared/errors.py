@@ -2,7 +2,7 @@
 
 FollowupsError
  ├── RetryLater   transient: the message goes back to the broker and is tried again
- └── Rejected     permanent: the message is copied to the dead-letter queue with a reason, never retried
+ └── Rejected     permanent: copied to the dead-letter queue with a reason, never retried
       └── InvalidMessage   the message itself is malformed (size, JSON, schema, routing key)
 """
 

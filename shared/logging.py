@@ -14,8 +14,20 @@ from shared.settings import LogFormat, Settings
 
 # Keys whose values are personal or secret: never rendered, whatever the caller passes.
 _REDACTED_KEYS = frozenset(
-    {"phone", "message", "text", "message_text", "body", "hints", "ai_context_hints",
-     "response_text", "api_key", "secret", "authorization", "prompt"}
+    {
+        "phone",
+        "message",
+        "text",
+        "message_text",
+        "body",
+        "hints",
+        "ai_context_hints",
+        "response_text",
+        "api_key",
+        "secret",
+        "authorization",
+        "prompt",
+    }
 )
 _PHONE = re.compile(r"\+\d[\d ]{6,17}\d|\b\d{10,15}\b")
 _CONTROL = re.compile(r"[\r\n\t\x00-\x1f\x7f]")

@@ -1,4 +1,4 @@
-"""Schema migrations: plain SQL files in shared/migrations, applied by dbmate (shipped as a wheel)."""
+"""Schema migrations: plain SQL in shared/migrations, applied by dbmate (shipped as a wheel)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ def _dbmate() -> str:
 def run_dbmate(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     command = [
         _dbmate(),
-        "--url", dbmate_url(database_url),
-        "--migrations-dir", str(MIGRATIONS_DIR),
+        "--url",
+        dbmate_url(database_url),
+        "--migrations-dir",
+        str(MIGRATIONS_DIR),
         "--no-dump-schema",
         *args,
     ]

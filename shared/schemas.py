@@ -150,7 +150,9 @@ def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _I
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidMessage("malformed_json", f"not valid UTF-8 JSON ({exc.__class__.__name__})") from None
+        raise InvalidMessage(
+            "malformed_json", f"not valid UTF-8 JSON ({exc.__class__.__name__})"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidMessage("malformed_json", "the body must be a JSON object")
     try:

@@ -69,8 +69,9 @@ def create_service_app(
             store=FollowupStore(pool),
         )
         handlers.append(make_handler(runtime))
-        log.info("service starting", queue=queue.name, timer_backend=backend.value,
-                 prefetch=prefetch)
+        log.info(
+            "service starting", queue=queue.name, timer_backend=backend.value, prefetch=prefetch
+        )
         try:
             yield
         finally:

@@ -113,7 +113,11 @@ async def _transition(
     await connection.execute(
         """INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
            VALUES ($1, $2, $3, $4, $5)""",
-        followup_id, stage, from_status, to_status, detail or {},
+        followup_id,
+        stage,
+        from_status,
+        to_status,
+        detail or {},
     )
 
 
@@ -142,11 +146,21 @@ class FollowupStore:
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
                     ON CONFLICT (idempotency_key) DO NOTHING
                     RETURNING {_COLUMNS}""",
-                request.contractor_id, request.action_item_id, request.event_id,
-                scheduled_time or request.scheduled_time, request.followup_type,
-                request.message_template, request.message_tone, request.ai_should_personalize,
-                request.ai_context_hints, request.skip_if_completed, request.is_recurring,
-                request.recurrence_interval_days, key, request.priority, request.requested_by,
+                request.contractor_id,
+                request.action_item_id,
+                request.event_id,
+                scheduled_time or request.scheduled_time,
+                request.followup_type,
+                request.message_template,
+                request.message_tone,
+                request.ai_should_personalize,
+                request.ai_context_hints,
+                request.skip_if_completed,
+                request.is_recurring,
+                request.recurrence_interval_days,
+                key,
+                request.priority,
+                request.requested_by,
                 series_id,
             )
             if record is None:
@@ -158,7 +172,11 @@ class FollowupStore:
                 return Followup.from_record(existing), False
             row = Followup.from_record(record)
             await _transition(
-                connection, row.id, "scheduler", None, Status.SCHEDULED,
+                connection,
+                row.id,
+                "scheduler",
+                None,
+                Status.SCHEDULED,
                 {"scheduled_time": row.scheduled_time.isoformat(), "version": row.version},
             )
             await before_commit(row)
@@ -218,11 +236,21 @@ class FollowupStore:
                        prompt_variant = $7, updated_at = now()
                    WHERE id = $1 AND version = $2 AND status = 'scheduled'
                    RETURNING id""",
-                followup_id, version, text, source, fallback_reason, model, variant,
+                followup_id,
+                version,
+                text,
+                source,
+                fallback_reason,
+                model,
+                variant,
             )
             if done is not None:
                 await _transition(
-                    connection, followup_id, "personalizer", Status.SCHEDULED, Status.SCHEDULED,
+                    connection,
+                    followup_id,
+                    "personalizer",
+                    Status.SCHEDULED,
+                    Status.SCHEDULED,
                     {"text_source": source, "fallback_reason": fallback_reason, "model": model},
                 )
             return done is not None
@@ -242,19 +270,25 @@ class FollowupStore:
                     FROM previous
                     WHERE f.id = $1 AND f.version = $2
                       AND f.scheduled_time <= clock_timestamp()
-                      AND ((f.status = 'scheduled'
-                            AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= clock_timestamp()))
+                      AND ((f.status = 'scheduled' AND (f.next_attempt_at IS NULL
+                                                        OR f.next_attempt_at <= clock_timestamp()))
                            OR (f.status = 'sending' AND f.lease_until < clock_timestamp()))
-                    RETURNING previous.status AS previous_status, {_prefixed('f')}""",
-                followup_id, version, lease,
+                    RETURNING previous.status AS previous_status, {_prefixed("f")}""",
+                followup_id,
+                version,
+                lease,
             )
             if record is None:
                 return None
             data = dict(record)
             previous = data.pop("previous_status")
-            row = Followup.from_record(data)  # type: ignore[arg-type]
+            row = Followup.from_record(data)
             await _transition(
-                connection, row.id, "dispatcher", previous, Status.SENDING,
+                connection,
+                row.id,
+                "dispatcher",
+                previous,
+                Status.SENDING,
                 {"attempt": row.attempts, "takeover": previous == Status.SENDING},
             )
             return row
@@ -268,14 +302,17 @@ class FollowupStore:
                 """SELECT called_at + $2::interval FROM webhook_calls
                    WHERE called_at > clock_timestamp() - $2::interval
                    ORDER BY called_at DESC OFFSET $1 - 1 LIMIT 1""",
-                limit_per_minute, RATE_WINDOW,
+                limit_per_minute,
+                RATE_WINDOW,
             )
             if frees_at is not None:
                 return CallSlot(call_id=None, frees_at=frees_at)
             call_id: int = await connection.fetchval(
                 """INSERT INTO webhook_calls (followup_id, send_key, attempt)
                    VALUES ($1, $2, $3) RETURNING id""",
-                row.id, row.send_key, row.attempts,
+                row.id,
+                row.send_key,
+                row.attempts,
             )
             await connection.execute(
                 """UPDATE contractor_followup_schedules
@@ -291,7 +328,9 @@ class FollowupStore:
         await self._pool.execute(
             """UPDATE webhook_calls SET finished_at = clock_timestamp(), outcome = $2,
                http_status = $3 WHERE id = $1""",
-            call_id, outcome, http_status,
+            call_id,
+            outcome,
+            http_status,
         )
 
     async def mark_sent(
@@ -314,13 +353,20 @@ class FollowupStore:
                         updated_at = now()
                     WHERE id = $1 AND status = 'sending'
                     RETURNING {_COLUMNS}""",
-                row.id, sent_by, note, text_fallback_reason,
+                row.id,
+                sent_by,
+                note,
+                text_fallback_reason,
             )
             if record is None:
                 return None
             sent = Followup.from_record(record)
             await _transition(
-                connection, row.id, "dispatcher", Status.SENDING, Status.SENT,
+                connection,
+                row.id,
+                "dispatcher",
+                Status.SENDING,
+                Status.SENT,
                 {"sent_by": sent_by, "attempt": row.attempts, "lateness_ms": sent.lateness_ms},
             )
             return sent
@@ -337,11 +383,18 @@ class FollowupStore:
                        updated_at = now()
                    WHERE id = $1 AND status = 'sending'
                    RETURNING id""",
-                row.id, next_attempt_at, error, count_attempt,
+                row.id,
+                next_attempt_at,
+                error,
+                count_attempt,
             )
             if done is not None:
                 await _transition(
-                    connection, row.id, "dispatcher", Status.SENDING, Status.SCHEDULED,
+                    connection,
+                    row.id,
+                    "dispatcher",
+                    Status.SENDING,
+                    Status.SCHEDULED,
                     {"retry_at": next_attempt_at.isoformat(), "error": error},
                 )
             return done is not None
@@ -357,13 +410,13 @@ class FollowupStore:
                         last_error = CASE WHEN $2 = 'failed' THEN $3 ELSE last_error END
                     WHERE id = $1 AND status IN ('scheduled', 'sending')
                     RETURNING {_COLUMNS}""",
-                row.id, status, reason,
+                row.id,
+                status,
+                reason,
             )
             if record is None:
                 return None
-            await _transition(
-                connection, row.id, stage, row.status, status, {"reason": reason}
-            )
+            await _transition(connection, row.id, stage, row.status, status, {"reason": reason})
             return Followup.from_record(record)
 
 

@@ -39,7 +39,9 @@ def placeholders(template: str) -> set[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise TemplateError(f"template syntax: {exc}; write a literal brace as {{{{ or }}}}") from None
+        raise TemplateError(
+            f"template syntax: {exc}; write a literal brace as {{{{ or }}}}"
+        ) from None
     names = set()
     for _, field, spec, conversion in parsed:
         if field is None:

@@ -1,11 +1,11 @@
 """The broker topology, declared once here and used by the services, the CLI and the tests.
 
-    exchange "followups" (topic, public)
-      followup.requested | cancel_requested | reschedule_requested | response_received
-        └──▶ queue followups.scheduler.inbox ──(reject)──▶ followups.scheduler.inbox.dlq
-    timers (see shared.timers) deliver to
-        followups.personalizer.due ──▶ followups.personalizer.due.dlq
-        followups.dispatcher.due   ──▶ followups.dispatcher.due.dlq
+exchange "followups" (topic, public)
+  followup.requested | cancel_requested | reschedule_requested | response_received
+    └──▶ queue followups.scheduler.inbox ──(reject)──▶ followups.scheduler.inbox.dlq
+timers (see shared.timers) deliver to
+    followups.personalizer.due ──▶ followups.personalizer.due.dlq
+    followups.dispatcher.due   ──▶ followups.dispatcher.due.dlq
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.errors import ConfigurationError, InvalidMessage
-from shared.schemas import FollowupRequested, parse_inbound
+from shared.schemas import parse_inbound
 from shared.settings import Settings
 
 app = typer.Typer(
@@ -145,9 +145,7 @@ def schedule(
     """
     if (in_ is None) == (at is None):
         raise _fail("give exactly one of --in or --at", 2)
-    when = (
-        datetime.now(UTC) + parse_duration(in_) if in_ is not None else at
-    )
+    when = datetime.now(UTC) + parse_duration(in_) if in_ is not None else at
     body: dict[str, Any] = {
         "contractor_id": contractor,
         "scheduled_time": when.isoformat() if isinstance(when, datetime) else when,
@@ -218,7 +216,11 @@ def add_contractor(
             new_id: int = await pool.fetchval(
                 """INSERT INTO contractors (first_name, last_name, company_name, phone, timezone)
                    VALUES ($1, $2, $3, $4, $5) RETURNING id""",
-                first_name, last_name, company, e164, timezone,
+                first_name,
+                last_name,
+                company,
+                e164,
+                timezone,
             )
             return new_id
         finally:
@@ -263,16 +265,37 @@ def show(followup_id: Annotated[int, typer.Argument(help="follow-up id")]) -> No
     if row is None:
         raise _fail(f"no follow-up {followup_id}")
     table = Table(show_header=False, box=None)
-    for name in ("id", "contractor_id", "followup_type", "status", "status_reason",
-                 "scheduled_time", "sent_at", "sent_by", "lateness_ms", "attempts",
-                 "text_source", "text_fallback_reason", "priority", "version", "send_key",
-                 "is_recurring", "next_occurrence_id", "last_error"):
+    for name in (
+        "id",
+        "contractor_id",
+        "followup_type",
+        "status",
+        "status_reason",
+        "scheduled_time",
+        "sent_at",
+        "sent_by",
+        "lateness_ms",
+        "attempts",
+        "text_source",
+        "text_fallback_reason",
+        "priority",
+        "version",
+        "send_key",
+        "is_recurring",
+        "next_occurrence_id",
+        "last_error",
+    ):
         table.add_row(name, str(getattr(row, name)))
     console.print(table)
     timeline = Table("at", "stage", "from", "to", "detail", title="timeline")
     for t in transitions:
-        timeline.add_row(t["at"].isoformat(), t["stage"], t["from_status"] or "",
-                         t["to_status"] or "", json.dumps(t["detail"]))
+        timeline.add_row(
+            t["at"].isoformat(),
+            t["stage"],
+            t["from_status"] or "",
+            t["to_status"] or "",
+            json.dumps(t["detail"]),
+        )
     console.print(timeline)
 
 
@@ -292,20 +315,29 @@ def list_(
             """SELECT id, contractor_id, followup_type, status, priority, scheduled_time,
                       sent_at, lateness_ms, attempts
                FROM contractor_followup_schedules
-               WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR contractor_id = $2)
+               WHERE ($1::text IS NULL OR status = $1)
+                 AND ($2::bigint IS NULL OR contractor_id = $2)
                ORDER BY scheduled_time DESC LIMIT $3""",
-            status, contractor, limit,
+            status,
+            contractor,
+            limit,
         )
 
     rows = _pool_run(_load)
-    table = Table("id", "contractor", "type", "status", "prio", "scheduled", "sent", "late ms",
-                  "attempts")
+    table = Table(
+        "id", "contractor", "type", "status", "prio", "scheduled", "sent", "late ms", "attempts"
+    )
     for r in reversed(rows):
         table.add_row(
-            str(r["id"]), str(r["contractor_id"]), r["followup_type"], r["status"],
-            str(r["priority"]), r["scheduled_time"].isoformat(),
+            str(r["id"]),
+            str(r["contractor_id"]),
+            r["followup_type"],
+            r["status"],
+            str(r["priority"]),
+            r["scheduled_time"].isoformat(),
             r["sent_at"].isoformat() if r["sent_at"] else "",
-            f"{r['lateness_ms']:.1f}" if r["lateness_ms"] is not None else "", str(r["attempts"]),
+            f"{r['lateness_ms']:.1f}" if r["lateness_ms"] is not None else "",
+            str(r["attempts"]),
         )
     console.print(table)
 

@@ -127,7 +127,9 @@ class WebhookGateway(Gateway):
             return GatewayResult(Outcome.RETRY, "timeout")
         except httpx.TransportError as exc:
             return GatewayResult(Outcome.RETRY, f"connection_error:{exc.__class__.__name__}")
-        return classify(response.status_code, response.headers.get("Retry-After"), datetime.now(UTC))
+        return classify(
+            response.status_code, response.headers.get("Retry-After"), datetime.now(UTC)
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -46,8 +46,11 @@ def backoff(attempt: int, retry_after: float | None) -> timedelta:
 
 async def _arm(deps: DispatcherDeps, row: Followup, fire_at: datetime, attempt: int) -> None:
     message = TimerMessage(
-        kind=TimerKind.DISPATCH, followup_id=row.id, version=row.version,
-        fire_at=fire_at, attempt=attempt,
+        kind=TimerKind.DISPATCH,
+        followup_id=row.id,
+        version=row.version,
+        fire_at=fire_at,
+        attempt=attempt,
     )
     await deps.timer.arm(DISPATCHER_DUE.name, message.model_dump_json().encode(), fire_at)
 
@@ -75,15 +78,20 @@ async def _not_claimed(due: TimerMessage, deps: DispatcherDeps) -> None:
     row = await deps.store.get(due.followup_id)
     bound = log.bind(followup_id=due.followup_id, stage="dispatch")
     if row is None or row.version != due.version or row.status is not Status.SENDING:
-        bound.info("stale timer dropped", timer_version=due.version,
-                   status=row.status if row else "missing")
+        bound.info(
+            "stale timer dropped",
+            timer_version=due.version,
+            status=row.status if row else "missing",
+        )
         return
     if row.lease_until is None:
         return
     wake = row.lease_until + LEASE_MARGIN
     await _arm(deps, row, wake, due.attempt)
-    bound.info("follow-up held by another dispatcher; looked at again when its lease ends",
-               at=wake.isoformat())
+    bound.info(
+        "follow-up held by another dispatcher; looked at again when its lease ends",
+        at=wake.isoformat(),
+    )
 
 
 def _text(row: Followup, context: TemplateContext) -> tuple[str, str | None]:
@@ -93,8 +101,9 @@ def _text(row: Followup, context: TemplateContext) -> tuple[str, str | None]:
 
 
 async def _send(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> None:
-    bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id, stage="dispatch",
-                     attempt=row.attempts)
+    bound = log.bind(
+        followup_id=row.id, contractor_id=row.contractor_id, stage="dispatch", attempt=row.attempts
+    )
     context = await deps.store.context(row)
     if context is None:
         await _fail(row, incoming, deps, "contractor_missing")
@@ -123,9 +132,15 @@ async def _send(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> None
 
     result = await deps.gateway.send(
         SmsRequest(
-            phone=phone, message=text, contractor_id=row.contractor_id, followup_id=row.id,
-            followup_type=row.followup_type, scheduled_time=row.scheduled_time,
-            idempotency_key=str(row.send_key), attempt=row.attempts, priority=row.priority,
+            phone=phone,
+            message=text,
+            contractor_id=row.contractor_id,
+            followup_id=row.id,
+            followup_type=row.followup_type,
+            scheduled_time=row.scheduled_time,
+            idempotency_key=str(row.send_key),
+            attempt=row.attempts,
+            priority=row.priority,
         )
     )
     await deps.store.record_call_end(slot.call_id, result.outcome.value, result.http_status)
@@ -133,33 +148,58 @@ async def _send(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> None
 
 
 async def _settle(
-    row: Followup, result: GatewayResult, text_note: str | None, incoming: Incoming,
+    row: Followup,
+    result: GatewayResult,
+    text_note: str | None,
+    incoming: Incoming,
     deps: DispatcherDeps,
 ) -> None:
-    bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id, stage="dispatch",
-                     attempt=row.attempts, http_status=result.http_status)
+    bound = log.bind(
+        followup_id=row.id,
+        contractor_id=row.contractor_id,
+        stage="dispatch",
+        attempt=row.attempts,
+        http_status=result.http_status,
+    )
     if result.outcome is Outcome.SENT:
-        note = "console sink: not delivered to a gateway" if deps.gateway.sent_by != "dispatcher" else None
+        note = (
+            "console sink: not delivered to a gateway"
+            if deps.gateway.sent_by != "dispatcher"
+            else None
+        )
         sent = await deps.store.mark_sent(
             row, sent_by=deps.gateway.sent_by, note=note, text_fallback_reason=text_note
         )
         if sent is None:
             bound.warning("sent, but the row had left 'sending' meanwhile")
             return
-        bound.info("follow-up sent", lateness_ms=sent.lateness_ms, sent_by=sent.sent_by,
-                   text_source=sent.text_source)
-        await announce(deps.publisher, "followup.sent", sent, deps.clock,
-                       attempts=sent.attempts, lateness_ms=sent.lateness_ms)
+        bound.info(
+            "follow-up sent",
+            lateness_ms=sent.lateness_ms,
+            sent_by=sent.sent_by,
+            text_source=sent.text_source,
+        )
+        await announce(
+            deps.publisher,
+            "followup.sent",
+            sent,
+            deps.clock,
+            attempts=sent.attempts,
+            lateness_ms=sent.lateness_ms,
+        )
         return
     if result.outcome is Outcome.RETRY and row.attempts < deps.max_attempts:
         retry_at = deps.clock() + backoff(row.attempts, result.retry_after)
         await _arm(deps, row, retry_at, row.attempts + 1)
         await deps.store.release_for_retry(row, next_attempt_at=retry_at, error=result.reason)
-        bound.warning("gateway refused for now; retrying", reason=result.reason,
-                      retry_at=retry_at.isoformat())
+        bound.warning(
+            "gateway refused for now; retrying", reason=result.reason, retry_at=retry_at.isoformat()
+        )
         return
-    reason = result.reason if result.outcome is Outcome.FAILED else (
-        f"gave up after {row.attempts} attempts: {result.reason}"
+    reason = (
+        result.reason
+        if result.outcome is Outcome.FAILED
+        else (f"gave up after {row.attempts} attempts: {result.reason}")
     )
     await _fail(row, incoming, deps, reason)
 
@@ -168,8 +208,9 @@ async def _fail(row: Followup, incoming: Incoming, deps: DispatcherDeps, reason:
     failed = await deps.store.finish(row, Status.FAILED, stage="dispatcher", reason=reason)
     if failed is None:
         return
-    log.warning("follow-up failed", followup_id=row.id, contractor_id=row.contractor_id,
-                reason=reason)
+    log.warning(
+        "follow-up failed", followup_id=row.id, contractor_id=row.contractor_id, reason=reason
+    )
     await dead_letter(
         deps.publisher,
         dead_letter_queue=DISPATCHER_DUE.dead_letter_queue,
@@ -179,5 +220,11 @@ async def _fail(row: Followup, incoming: Incoming, deps: DispatcherDeps, reason:
         detail=reason,
         source_routing_key=incoming.routing_key,
     )
-    await announce(deps.publisher, "followup.failed", failed, deps.clock, reason=reason,
-                   attempts=failed.attempts)
+    await announce(
+        deps.publisher,
+        "followup.failed",
+        failed,
+        deps.clock,
+        reason=reason,
+        attempts=failed.attempts,
+    )

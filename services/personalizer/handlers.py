@@ -34,9 +34,12 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
     bound = log.bind(followup_id=due.followup_id, stage="personalize")
     row = await deps.store.get(due.followup_id)
     if row is None or row.version != due.version or row.status is not Status.SCHEDULED:
-        bound.info("stale timer dropped", timer_version=due.version,
-                   row_version=row.version if row else None,
-                   status=row.status if row else "missing")
+        bound.info(
+            "stale timer dropped",
+            timer_version=due.version,
+            row_version=row.version if row else None,
+            status=row.status if row else "missing",
+        )
         return
     context = await deps.store.context(row)
     if context is None:
@@ -51,8 +54,16 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
         bound.warning("template cannot be rendered; the dispatcher will fail it", error=str(exc))
         return
     stored = await deps.store.store_text(
-        row.id, row.version, text=text, source="template", fallback_reason=None,
-        model=None, variant=None,
+        row.id,
+        row.version,
+        text=text,
+        source="template",
+        fallback_reason=None,
+        model=None,
+        variant=None,
     )
-    bound.info("text prepared" if stored else "row moved on; text discarded",
-               text_source="template", contractor_id=row.contractor_id)
+    bound.info(
+        "text prepared" if stored else "row moved on; text discarded",
+        text_source="template",
+        contractor_id=row.contractor_id,
+    )

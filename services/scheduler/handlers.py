@@ -46,11 +46,15 @@ async def arm_timers(row: Followup, deps: SchedulerDeps) -> None:
     """Both timers at once: the text is prepared ahead, and the send fires on time even if the
     personalizer is down (the dispatcher then sends the rendered template)."""
     personalize = TimerMessage(
-        kind=TimerKind.PERSONALIZE, followup_id=row.id, version=row.version,
+        kind=TimerKind.PERSONALIZE,
+        followup_id=row.id,
+        version=row.version,
         fire_at=row.scheduled_time - deps.personalize_lead,
     )
     dispatch = TimerMessage(
-        kind=TimerKind.DISPATCH, followup_id=row.id, version=row.version,
+        kind=TimerKind.DISPATCH,
+        followup_id=row.id,
+        version=row.version,
         fire_at=row.scheduled_time,
     )
     await asyncio.gather(
@@ -81,8 +85,11 @@ async def schedule(request: FollowupRequested, incoming: Incoming, deps: Schedul
     if not created:
         bound.info("duplicate request ignored", status=row.status)
         return
-    bound.info("follow-up scheduled", scheduled_time=row.scheduled_time.isoformat(),
-               followup_type=row.followup_type)
+    bound.info(
+        "follow-up scheduled",
+        scheduled_time=row.scheduled_time.isoformat(),
+        followup_type=row.followup_type,
+    )
     await announce(deps.publisher, "followup.scheduled", row, deps.clock)
 
 

@@ -1,0 +1,48 @@
+"""Fixtures shared by every tier. Integration and e2e tests run against the real local
+PostgreSQL and RabbitMQ, in a database and vhost of their own that are dropped at the end."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from shared.db import create_pool
+from shared.settings import DelayBackend, Settings
+from shared.topology import declare_topology
+from tests.support.infra import Infra, truncate
+
+
+@pytest.fixture(scope="session")
+async def infra() -> AsyncIterator[Infra]:
+    created = Infra.create()
+    try:
+        await declare_topology(created.rabbitmq_url, backend="levels", queue_type="quorum")
+        yield created
+    finally:
+        await created.drop()
+
+
+@pytest.fixture(scope="session")
+def settings(infra: Infra) -> Settings:
+    return Settings(
+        database_url=infra.database_url,
+        rabbitmq_url=infra.rabbitmq_url,
+        delay_backend=DelayBackend.LEVELS,
+        quiet_hours="off",
+        log_format="json",
+    )
+
+
+@pytest.fixture(scope="session")
+async def session_pool(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(infra.database_url, max_size=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def pool(session_pool: asyncpg.Pool) -> asyncpg.Pool:
+    await truncate(session_pool)
+    return session_pool

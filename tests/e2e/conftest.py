@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from shared.bus import BrokerPublisher, make_broker
+from shared.settings import Settings
+from shared.topology import PUBLIC_EXCHANGE
+from tests.support.processes import ServiceSet
+from tests.support.webhook import WebhookReceiver
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    server = WebhookReceiver()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def service_env(settings: Settings, receiver: WebhookReceiver, **overrides: str) -> dict[str, str]:
+    env = {
+        "DATABASE_URL": settings.database_url,
+        "RABBITMQ_URL": settings.rabbitmq_url,
+        "DELAY_BACKEND": "levels",
+        "N8N_OUTBOUND_WEBHOOK_URL": receiver.url,
+        "WEBHOOK_ALLOW_INSECURE": "true",
+        "QUIET_HOURS": "off",
+        "SMS_RATE_LIMIT_PER_MINUTE": "100000",
+        "DISPATCH_CONCURRENCY": "20",
+        "PERSONALIZE_LEAD_SECONDS": "1",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def start_services(settings, receiver, tmp_path: Path) -> Iterator[Callable[..., ServiceSet]]:
+    started: list[ServiceSet] = []
+
+    def _start(**overrides: str) -> ServiceSet:
+        services = ServiceSet(service_env(settings, receiver, **overrides), tmp_path)
+        started.append(services)
+        services.start()
+        return services
+
+    yield _start
+    for services in started:
+        services.stop()
+
+
+@pytest.fixture
+async def bus(settings) -> AsyncIterator[BrokerPublisher]:
+    broker = make_broker(settings.rabbitmq_url)
+    await broker.connect()
+    yield BrokerPublisher(broker)
+    await broker.stop()
+
+
+async def request_followup(
+    bus: BrokerPublisher, contractor_id: int, due: datetime, **extra: Any
+) -> None:
+    body = {
+        "contractor_id": contractor_id,
+        "scheduled_time": due.isoformat(),
+        "followup_type": "check_in",
+        "message_template": "Hi {first_name}, a quick check-in from {company_name}.",
+        **extra,
+    }
+    await bus.publish(
+        json.dumps(body).encode(),
+        exchange=PUBLIC_EXCHANGE,
+        routing_key="followup.requested",
+        mandatory=False,
+    )
+
+
+async def wait_for_final(pool: asyncpg.Pool, expected: int, timeout: float = 60.0) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await pool.fetch(
+            "SELECT * FROM contractor_followup_schedules"
+            " WHERE status IN ('sent', 'cancelled', 'skipped', 'failed') ORDER BY id"
+        )
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.2)
+
+
+def soon(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)

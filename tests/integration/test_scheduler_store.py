@@ -1,0 +1,112 @@
+"""The scheduler against the real database and broker: one row per request, whatever arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.scheduler.handlers import SchedulerDeps, handle
+from shared.consumer import Incoming
+from shared.errors import Rejected
+from shared.timers import utcnow
+from tests.support.data import add_action_item, add_contractor
+
+
+def _deps(store, levels_timer, publisher) -> SchedulerDeps:
+    return SchedulerDeps(
+        store=store,
+        timer=levels_timer,
+        publisher=publisher,
+        personalize_lead=timedelta(seconds=60),
+        clock=utcnow,
+    )
+
+
+def _request(contractor_id: int, **extra) -> bytes:
+    return json.dumps(
+        {
+            "contractor_id": contractor_id,
+            "scheduled_time": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+            "followup_type": "check_in",
+            "message_template": "Hi {first_name}",
+            **extra,
+        }
+    ).encode()
+
+
+async def _count(pool) -> int:
+    return await pool.fetchval("SELECT count(*) FROM contractor_followup_schedules")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message_id"),
+    [({"idempotency_key": "order-17"}, None), ({}, "amqp-message-1"), ({}, None)],
+    ids=["idempotency_key", "message_id", "content"],
+)
+async def test_duplicate_deliveries_create_one_row(
+    pool, store, levels_timer, publisher, extra, message_id
+):
+    contractor = await add_contractor(pool)
+    body = _request(contractor, **extra)
+    incoming = Incoming(body=body, routing_key="followup.requested", message_id=message_id)
+    deps = _deps(store, levels_timer, publisher)
+    # Concurrent duplicates race on the unique key; a later redelivery finds the row.
+    await asyncio.gather(*(handle(incoming, deps) for _ in range(3)))
+    await handle(
+        Incoming(
+            body=body, routing_key="followup.requested", message_id=message_id, redelivered=True
+        ),
+        deps,
+    )
+    assert await _count(pool) == 1
+    row = await pool.fetchrow("SELECT status, version FROM contractor_followup_schedules")
+    assert (row["status"], row["version"]) == ("scheduled", 1)
+
+
+async def test_same_key_different_content_is_still_one_followup(
+    pool, store, levels_timer, publisher
+):
+    contractor = await add_contractor(pool)
+    deps = _deps(store, levels_timer, publisher)
+    for template in ("Hi {first_name}", "Hello {first_name}"):
+        body = _request(contractor, idempotency_key="k-1", message_template=template)
+        await handle(Incoming(body=body, routing_key="followup.requested"), deps)
+    assert await _count(pool) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "rule"),
+    [
+        ({"contractor_id": 999_999}, "unknown_reference"),
+        ({"action_item_id": 999_999}, "unknown_reference"),
+        ({"event_id": 999_999}, "unknown_reference"),
+        ({"message_template": "About {action_item}"}, "template"),
+        ({"message_template": "Hi {nickname}"}, "template"),
+    ],
+)
+async def test_bad_references_are_rejected_at_scheduling_time(
+    pool, store, levels_timer, publisher, extra, rule
+):
+    contractor = await add_contractor(pool)
+    body = json.loads(_request(contractor))
+    body.update(extra)
+    with pytest.raises(Rejected) as caught:
+        await handle(
+            Incoming(body=json.dumps(body).encode(), routing_key="followup.requested"),
+            _deps(store, levels_timer, publisher),
+        )
+    assert caught.value.rule == rule
+    assert await _count(pool) == 0
+
+
+async def test_action_item_reference_is_accepted(pool, store, levels_timer, publisher):
+    contractor = await add_contractor(pool)
+    item = await add_action_item(pool, contractor)
+    body = _request(contractor, action_item_id=item, message_template="About {action_item}")
+    await handle(
+        Incoming(body=body, routing_key="followup.requested"), _deps(store, levels_timer, publisher)
+    )
+    assert await _count(pool) == 1

@@ -1,0 +1,124 @@
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.errors import InvalidMessage
+from shared.schemas import (
+    MAX_MESSAGE_BYTES,
+    CancelRequested,
+    FollowupRequested,
+    LifecycleEvent,
+    ResponseReceived,
+    TimerMessage,
+    parse_inbound,
+    parse_timer,
+)
+
+
+def request(**overrides):
+    body = {
+        "contractor_id": 7,
+        "scheduled_time": (datetime.now(UTC) + timedelta(minutes=5)).isoformat(),
+        "followup_type": "check_in",
+        "message_template": "Hi {first_name}",
+    }
+    body.update(overrides)
+    return json.dumps(body).encode()
+
+
+def test_valid_request_takes_defaults():
+    parsed = parse_inbound("followup.requested", request(), "application/json")
+    assert isinstance(parsed, FollowupRequested)
+    assert parsed.message_tone == "friendly"
+    assert parsed.priority == 0
+    assert parsed.ai_context_hints == {}
+    assert parsed.scheduled_time.tzinfo is not None
+
+
+def test_offset_other_than_utc_is_kept_as_the_same_instant():
+    parsed = parse_inbound(
+        "followup.requested", request(scheduled_time="2030-01-01T09:00:00-05:00"), None
+    )
+    assert parsed.scheduled_time == datetime(2030, 1, 1, 14, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("routing_key", "body", "content_type", "rule"),
+    [
+        ("followup.requested", request(scheduled_time="2030-01-01T09:00:00"), None, "schema"),
+        ("followup.requested", request(contractor_id="7"), None, "schema"),
+        ("followup.requested", request(contractor_id=True), None, "schema"),
+        ("followup.requested", request(contractor_id=0), None, "schema"),
+        ("followup.requested", request(priority=10), None, "schema"),
+        ("followup.requested", request(message_template=""), None, "schema"),
+        ("followup.requested", request(message_template="x" * 1601), None, "schema"),
+        ("followup.requested", request(followup_type="t" * 65), None, "schema"),
+        ("followup.requested", request(idempotency_key="k" * 201), None, "schema"),
+        ("followup.requested", request(skip_if_completed=True), None, "schema"),
+        ("followup.requested", request(is_recurring=True), None, "schema"),
+        (
+            "followup.requested",
+            request(is_recurring=True, recurrence_interval_days=0),
+            None,
+            "schema",
+        ),
+        ("followup.requested", request(unexpected="field"), None, "schema"),
+        ("followup.requested", request(scheduled_time="1999-01-01T00:00:00Z"), None, "schema"),
+        ("followup.requested", request(scheduled_time="2090-01-01T00:00:00Z"), None, "schema"),
+        ("followup.requested", request(ai_context_hints={"note": "x" * 5000}), None, "schema"),
+        ("followup.requested", b"{not json", None, "malformed_json"),
+        ("followup.requested", b"\xff\xfe", None, "malformed_json"),
+        ("followup.requested", b"[1, 2]", None, "malformed_json"),
+        ("followup.requested", request(), "text/plain", "content_type"),
+        ("followup.requested", b" " * (MAX_MESSAGE_BYTES + 1), None, "too_large"),
+        ("followup.deleted", request(), None, "unknown_routing_key"),
+        ("followup.cancel_requested", b"{}", None, "schema"),
+        (
+            "followup.cancel_requested",
+            b'{"followup_id": 1, "idempotency_key": "a"}',
+            None,
+            "schema",
+        ),
+        ("followup.response_received", b'{"text": "yes"}', None, "schema"),
+        ("followup.response_received", b'{"phone": "555-1234", "text": "yes"}', None, "schema"),
+    ],
+)
+def test_bad_messages_name_the_rule(routing_key, body, content_type, rule):
+    with pytest.raises(InvalidMessage) as caught:
+        parse_inbound(routing_key, body, content_type)
+    assert caught.value.rule == rule
+    assert caught.value.detail
+
+
+def test_error_detail_never_echoes_the_input():
+    with pytest.raises(InvalidMessage) as caught:
+        parse_inbound("followup.requested", request(contractor_id="+14155552671"), None)
+    assert "4155552671" not in caught.value.detail
+
+
+def test_cancel_and_response_accept_either_reference():
+    assert isinstance(
+        parse_inbound("followup.cancel_requested", b'{"idempotency_key": "abc"}', None),
+        CancelRequested,
+    )
+    parsed = parse_inbound(
+        "followup.response_received", b'{"phone": "+14155552671", "text": "STOP"}', None
+    )
+    assert isinstance(parsed, ResponseReceived)
+
+
+def test_lifecycle_event_has_no_phone_or_text_fields():
+    fields = set(LifecycleEvent.model_fields)
+    assert {"followup_id", "contractor_id", "followup_type", "status", "occurred_at"} <= fields
+    assert not fields & {"phone", "message", "text", "message_template", "prepared_text"}
+
+
+def test_timer_message_round_trip_and_rejects_junk():
+    message = TimerMessage(
+        kind="dispatch", followup_id=3, version=2, fire_at=datetime(2030, 1, 1, tzinfo=UTC)
+    )
+    assert parse_timer(message.model_dump_json().encode()) == message
+    with pytest.raises(InvalidMessage) as caught:
+        parse_timer(b'{"kind": "dispatch"}')
+    assert caught.value.rule == "timer_schema"
