@@ -1,0 +1,44 @@
+"""Prometheus metrics of every service, on the default registry (served at /metrics).
+
+Labels never carry personal data: no phone numbers, message text, hints or free-form errors.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+MESSAGES = Counter(
+    "followups_messages_total",
+    "Messages handled, by stage (scheduler, personalizer, dispatcher) and outcome",
+    ["stage", "outcome"],
+)
+REJECTED = Counter(
+    "followups_rejected_total",
+    "Messages sent to a dead-letter queue, by queue and the rule that failed",
+    ["queue", "rule"],
+)
+TIMERS_ARMED = Counter(
+    "followups_timers_armed_total", "Timers armed, by backend and destination",
+    ["backend", "destination"],
+)
+SEND_LATENESS = Histogram(
+    "followups_send_lateness_seconds",
+    "Webhook call start minus scheduled_time",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+SENDS = Counter(
+    "followups_sends_total", "Webhook calls, by outcome (sent, retry, failed)", ["outcome"]
+)
+RATE_LIMIT_WAITS = Counter(
+    "followups_rate_limit_waits_total", "Sends deferred because the global send window was full"
+)
+RETRIES = Counter("followups_retries_total", "Send attempts re-armed after a transient failure")
+TEXT_SOURCE = Counter(
+    "followups_text_total", "Texts prepared, by source (ai, template) and fallback reason",
+    ["source", "reason"],
+)
+LLM_LATENCY = Histogram(
+    "followups_llm_latency_seconds", "OpenAI call duration, by result",
+    ["result"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60),
+)
+LLM_TOKENS = Counter("followups_llm_tokens_total", "Tokens used, by kind", ["kind"])
