@@ -18,7 +18,8 @@ REJECTED = Counter(
     ["queue", "rule"],
 )
 TIMERS_ARMED = Counter(
-    "followups_timers_armed_total", "Timers armed, by backend and destination",
+    "followups_timers_armed_total",
+    "Timers armed, by backend and destination",
     ["backend", "destination"],
 )
 SEND_LATENESS = Histogram(
@@ -34,11 +35,14 @@ RATE_LIMIT_WAITS = Counter(
 )
 RETRIES = Counter("followups_retries_total", "Send attempts re-armed after a transient failure")
 TEXT_SOURCE = Counter(
-    "followups_text_total", "Texts prepared, by source (ai, template) and fallback reason",
+    "followups_text_total",
+    "Texts prepared, by source (ai, template) and fallback reason",
     ["source", "reason"],
 )
 LLM_LATENCY = Histogram(
-    "followups_llm_latency_seconds", "OpenAI call duration, by result",
-    ["result"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60),
+    "followups_llm_latency_seconds",
+    "OpenAI call duration, by result",
+    ["result"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60),
 )
 LLM_TOKENS = Counter("followups_llm_tokens_total", "Tokens used, by kind", ["kind"])

@@ -20,7 +20,7 @@ _COLUMNS = """
     send_key, version, priority, requested_by, series_id, status_reason, prepared_text,
     prepared_version, prepared_at, text_source, text_fallback_reason, ai_model, prompt_variant,
     attempts, next_attempt_at, last_error, claimed_at, lease_until, webhook_started_at,
-    lateness_ms, deferred_until, deferred_reason
+    lateness_ms, deferred_until, deferred_reason, calling_since, occurrence
 """
 
 
@@ -70,12 +70,18 @@ class Followup:
     lateness_ms: float | None
     deferred_until: datetime | None
     deferred_reason: str | None
+    calling_since: datetime | None
+    occurrence: int
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Followup:
         data = dict(record)
         data["status"] = Status(data["status"])
         return cls(**data)
+
+    @property
+    def series(self) -> int:
+        return self.series_id or self.id
 
     @property
     def text_is_ready(self) -> bool:
@@ -91,6 +97,35 @@ RATE_LIMIT_LOCK = 0x666F6C6C  # advisory lock key of the global send window
 class CallSlot:
     call_id: int | None
     frees_at: datetime | None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Reference:
+    """How a command names a follow-up: by id, or by the caller's idempotency key."""
+
+    followup_id: int | None = None
+    idempotency_key: str | None = None
+
+    @property
+    def stored_key(self) -> str | None:
+        return f"key:{self.idempotency_key}" if self.idempotency_key else None
+
+
+@dataclass(frozen=True)
+class NextOccurrence:
+    """The next occurrence of a recurring follow-up: its time and how to arm its timers."""
+
+    scheduled_time: datetime
+    arm: Callable[[Followup], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ResponseOutcome:
+    contractor_id: int | None
+    recorded_on: Followup | None
+    cancelled: list[Followup]
+    opt_change: bool | None  # True: opted out, False: opted back in, None: no change
 
 
 @dataclass(frozen=True)
@@ -121,9 +156,15 @@ async def _transition(
     )
 
 
+_PENDING = "('scheduled', 'sending')"
+_SELECT = f"SELECT {_COLUMNS} FROM contractor_followup_schedules"
+
+
 class FollowupStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+
+    # ---- scheduling -------------------------------------------------------------------------
 
     async def insert(
         self,
@@ -131,25 +172,30 @@ class FollowupStore:
         key: str,
         *,
         before_commit: Callable[[Followup], Awaitable[None]],
-        scheduled_time: datetime | None = None,
-        series_id: int | None = None,
     ) -> tuple[Followup, bool]:
         """Insert once per idempotency key; `before_commit` (arming timers) runs inside the
-        transaction, so a failed arm leaves no row. Returns (row, created)."""
+        transaction, so a failed arm leaves no row. A contractor who opted out gets the row
+        recorded as skipped, with no timers. Returns (row, created)."""
         async with self._pool.acquire() as connection, connection.transaction():
+            opted_out = await connection.fetchval(
+                "SELECT sms_opt_out FROM contractors WHERE id = $1 FOR SHARE",
+                request.contractor_id,
+            )
             record = await connection.fetchrow(
                 f"""INSERT INTO contractor_followup_schedules (
                         contractor_id, action_item_id, event_id, scheduled_time, followup_type,
                         message_template, message_tone, ai_should_personalize, ai_context_hints,
                         skip_if_completed, is_recurring, recurrence_interval_days,
-                        idempotency_key, priority, requested_by, series_id)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                        idempotency_key, priority, requested_by, status, status_reason)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                            CASE WHEN $16 THEN 'skipped' ELSE 'scheduled' END,
+                            CASE WHEN $16 THEN 'opted_out' END)
                     ON CONFLICT (idempotency_key) DO NOTHING
                     RETURNING {_COLUMNS}""",
                 request.contractor_id,
                 request.action_item_id,
                 request.event_id,
-                scheduled_time or request.scheduled_time,
+                request.scheduled_time,
                 request.followup_type,
                 request.message_template,
                 request.message_tone,
@@ -161,32 +207,197 @@ class FollowupStore:
                 key,
                 request.priority,
                 request.requested_by,
-                series_id,
+                bool(opted_out),
             )
             if record is None:
-                existing = await connection.fetchrow(
-                    f"SELECT {_COLUMNS} FROM contractor_followup_schedules"
-                    " WHERE idempotency_key = $1",
-                    key,
-                )
+                existing = await connection.fetchrow(f"{_SELECT} WHERE idempotency_key = $1", key)
                 return Followup.from_record(existing), False
             row = Followup.from_record(record)
+            if row.is_recurring:
+                record = await connection.fetchrow(
+                    f"""UPDATE contractor_followup_schedules SET series_id = id WHERE id = $1
+                        RETURNING {_COLUMNS}""",
+                    row.id,
+                )
+                row = Followup.from_record(record)
             await _transition(
                 connection,
                 row.id,
                 "scheduler",
                 None,
-                Status.SCHEDULED,
-                {"scheduled_time": row.scheduled_time.isoformat(), "version": row.version},
+                row.status,
+                {"scheduled_time": row.scheduled_time.isoformat(), "reason": row.status_reason},
             )
-            await before_commit(row)
+            if row.status is Status.SCHEDULED:
+                await before_commit(row)
             return row, True
 
     async def get(self, followup_id: int) -> Followup | None:
+        record = await self._pool.fetchrow(f"{_SELECT} WHERE id = $1", followup_id)
+        return Followup.from_record(record) if record else None
+
+    async def find(self, reference: Reference) -> Followup | None:
         record = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM contractor_followup_schedules WHERE id = $1", followup_id
+            f"{_SELECT} WHERE id = $1 OR idempotency_key = $2",
+            reference.followup_id,
+            reference.stored_key,
         )
         return Followup.from_record(record) if record else None
+
+    async def cancel(self, reference: Reference, reason: str) -> list[Followup]:
+        """Cancel the follow-up, and the pending occurrence of its series when it is recurring.
+        Refused (nothing returned) for a row whose webhook call is already under way."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            records = await connection.fetch(
+                f"""WITH target AS (
+                        SELECT id, coalesce(series_id, id) AS series
+                        FROM contractor_followup_schedules
+                        WHERE id = $1 OR idempotency_key = $2)
+                    UPDATE contractor_followup_schedules AS f
+                    SET status = 'cancelled', status_reason = $3, version = f.version + 1,
+                        lease_until = NULL, updated_at = now()
+                    FROM target
+                    WHERE (f.id = target.id OR f.series_id = target.series)
+                      AND (f.status = 'scheduled'
+                           OR (f.status = 'sending' AND f.calling_since IS NULL))
+                    RETURNING {_prefixed("f")}""",
+                reference.followup_id,
+                reference.stored_key,
+                reason,
+            )
+            rows = [Followup.from_record(r) for r in records]
+            for row in rows:
+                await _transition(
+                    connection, row.id, "scheduler", None, Status.CANCELLED, {"reason": reason}
+                )
+            return rows
+
+    async def reschedule(
+        self,
+        reference: Reference,
+        scheduled_time: datetime,
+        *,
+        before_commit: Callable[[Followup], Awaitable[None]],
+    ) -> Followup | None:
+        """Move a pending follow-up to a new time under a new version: the old timers are
+        dropped when they fire, the new ones (armed in `before_commit`) are the only live ones.
+        None when there is nothing pending to move; the row unchanged when the time is the same."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            current = await connection.fetchrow(
+                f"""{_SELECT} WHERE (id = $1 OR idempotency_key = $2)
+                      AND (status = 'scheduled' OR (status = 'sending' AND calling_since IS NULL))
+                    FOR UPDATE""",
+                reference.followup_id,
+                reference.stored_key,
+            )
+            if current is None:
+                return None
+            if current["scheduled_time"] == scheduled_time:
+                return Followup.from_record(current)
+            record = await connection.fetchrow(
+                f"""UPDATE contractor_followup_schedules
+                    SET scheduled_time = $2, version = version + 1, status = 'scheduled',
+                        next_attempt_at = NULL, lease_until = NULL, deferred_until = NULL,
+                        deferred_reason = NULL, lateness_ms = NULL, webhook_started_at = NULL,
+                        updated_at = now()
+                    WHERE id = $1
+                    RETURNING {_COLUMNS}""",
+                current["id"],
+                scheduled_time,
+            )
+            row = Followup.from_record(record)
+            await _transition(
+                connection,
+                row.id,
+                "scheduler",
+                current["status"],
+                Status.SCHEDULED,
+                {
+                    "rescheduled_from": current["scheduled_time"].isoformat(),
+                    "scheduled_time": scheduled_time.isoformat(),
+                    "version": row.version,
+                },
+            )
+            await before_commit(row)
+            return row
+
+    # ---- responses and opt-out --------------------------------------------------------------
+
+    async def record_response(
+        self,
+        *,
+        contractor_id: int | None,
+        phone: str | None,
+        followup_id: int | None,
+        text: str,
+        received_at: datetime,
+        opt_out: bool | None,
+    ) -> ResponseOutcome:
+        """Store a reply on the contractor's most recent sent follow-up (or the named one); an
+        opt-out word also opts the contractor out and cancels everything pending, atomically."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            contractor = await connection.fetchval(
+                "SELECT id FROM contractors WHERE id = $1 OR phone = $2 ORDER BY id LIMIT 1",
+                contractor_id,
+                phone,
+            )
+            if contractor is None:
+                return ResponseOutcome(None, None, [], None)
+            record = await connection.fetchrow(
+                f"""UPDATE contractor_followup_schedules
+                    SET response_received_at = $3, response_text = $4, updated_at = now()
+                    WHERE id = (
+                        SELECT id FROM contractor_followup_schedules
+                        WHERE contractor_id = $1 AND status = 'sent'
+                          AND ($2::bigint IS NULL OR id = $2)
+                        ORDER BY sent_at DESC LIMIT 1)
+                    RETURNING {_COLUMNS}""",
+                contractor,
+                followup_id,
+                received_at,
+                text,
+            )
+            recorded = Followup.from_record(record) if record else None
+            if recorded is not None:
+                await _transition(
+                    connection,
+                    recorded.id,
+                    "scheduler",
+                    Status.SENT,
+                    Status.SENT,
+                    {"response_received_at": received_at.isoformat()},
+                )
+            cancelled: list[Followup] = []
+            if opt_out is not None:
+                await connection.execute(
+                    "UPDATE contractors SET sms_opt_out = $2, updated_at = now() WHERE id = $1",
+                    contractor,
+                    opt_out,
+                )
+            if opt_out:
+                records = await connection.fetch(
+                    f"""UPDATE contractor_followup_schedules
+                        SET status = 'cancelled', status_reason = 'opted_out',
+                            version = version + 1, lease_until = NULL, updated_at = now()
+                        WHERE contractor_id = $1
+                          AND (status = 'scheduled'
+                               OR (status = 'sending' AND calling_since IS NULL))
+                        RETURNING {_COLUMNS}""",
+                    contractor,
+                )
+                cancelled = [Followup.from_record(r) for r in records]
+                for row in cancelled:
+                    await _transition(
+                        connection,
+                        row.id,
+                        "scheduler",
+                        None,
+                        Status.CANCELLED,
+                        {"reason": "opted_out"},
+                    )
+            return ResponseOutcome(contractor, recorded, cancelled, opt_out)
+
+    # ---- preparing the text -----------------------------------------------------------------
 
     async def context(self, row: Followup) -> Context | None:
         """The contractor, action item and event of a follow-up; None if the contractor is gone."""
@@ -255,6 +466,8 @@ class FollowupStore:
                 )
             return done is not None
 
+    # ---- sending ----------------------------------------------------------------------------
+
     async def claim(self, followup_id: int, version: int, lease: timedelta) -> Followup | None:
         """Take the occurrence for sending, in one statement: the version must match, the row
         must be due and still scheduled (a committed cancel wins), or its lease expired."""
@@ -265,7 +478,7 @@ class FollowupStore:
                         WHERE id = $1 FOR UPDATE)
                     UPDATE contractor_followup_schedules AS f
                     SET status = 'sending', claimed_at = clock_timestamp(),
-                        lease_until = clock_timestamp() + $3::interval,
+                        lease_until = clock_timestamp() + $3::interval, calling_since = NULL,
                         attempts = f.attempts + 1, updated_at = now()
                     FROM previous
                     WHERE f.id = $1 AND f.version = $2
@@ -294,10 +507,16 @@ class FollowupStore:
             return row
 
     async def start_call(self, row: Followup, *, limit_per_minute: int) -> CallSlot:
-        """Take a place in the global send window (all dispatcher replicas share it) and record
-        the webhook call; or say when the next place frees up."""
+        """Take a place in the global send window (all dispatcher replicas share it), honour a
+        fleet-wide pause after a 429, and record the webhook call; or say when to try again.
+        `cancelled` when a cancel committed since the claim: then nothing may be sent."""
         async with self._pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", RATE_LIMIT_LOCK)
+            paused_until = await connection.fetchval(
+                "SELECT paused_until FROM gateway_pause WHERE paused_until > clock_timestamp()"
+            )
+            if paused_until is not None:
+                return CallSlot(call_id=None, frees_at=paused_until)
             frees_at = await connection.fetchval(
                 """SELECT called_at + $2::interval FROM webhook_calls
                    WHERE called_at > clock_timestamp() - $2::interval
@@ -307,20 +526,26 @@ class FollowupStore:
             )
             if frees_at is not None:
                 return CallSlot(call_id=None, frees_at=frees_at)
+            still_ours = await connection.fetchval(
+                """UPDATE contractor_followup_schedules
+                   SET calling_since = clock_timestamp(),
+                       webhook_started_at = coalesce(webhook_started_at, clock_timestamp()),
+                       lateness_ms = coalesce(lateness_ms, extract(epoch FROM
+                           clock_timestamp() - scheduled_time) * 1000)
+                   WHERE id = $1 AND status = 'sending' AND version = $2
+                     AND calling_since IS NULL
+                   RETURNING id""",
+                row.id,
+                row.version,
+            )
+            if still_ours is None:
+                return CallSlot(call_id=None, frees_at=None, cancelled=True)
             call_id: int = await connection.fetchval(
                 """INSERT INTO webhook_calls (followup_id, send_key, attempt)
                    VALUES ($1, $2, $3) RETURNING id""",
                 row.id,
                 row.send_key,
                 row.attempts,
-            )
-            await connection.execute(
-                """UPDATE contractor_followup_schedules
-                   SET webhook_started_at = coalesce(webhook_started_at, clock_timestamp()),
-                       lateness_ms = coalesce(lateness_ms, extract(epoch FROM
-                           clock_timestamp() - scheduled_time) * 1000)
-                   WHERE id = $1""",
-                row.id,
             )
             return CallSlot(call_id=call_id, frees_at=None)
 
@@ -333,6 +558,16 @@ class FollowupStore:
             http_status,
         )
 
+    async def pause_gateway(self, until: datetime, reason: str) -> None:
+        await self._pool.execute(
+            """INSERT INTO gateway_pause (id, paused_until, reason) VALUES (1, $1, $2)
+               ON CONFLICT (id) DO UPDATE
+               SET paused_until = greatest(gateway_pause.paused_until, excluded.paused_until),
+                   reason = excluded.reason""",
+            until,
+            reason,
+        )
+
     async def mark_sent(
         self,
         row: Followup,
@@ -340,13 +575,16 @@ class FollowupStore:
         sent_by: str,
         note: str | None,
         text_fallback_reason: str | None,
-    ) -> Followup | None:
-        """`text_fallback_reason` set: the prepared text was not ready and the template went out."""
+        next_occurrence: NextOccurrence | None,
+    ) -> tuple[Followup | None, Followup | None]:
+        """Sent, and in the same transaction the next occurrence of a recurring follow-up.
+        Returns (the sent row, the next occurrence); (None, None) if the row left 'sending'."""
         async with self._pool.acquire() as connection, connection.transaction():
             record = await connection.fetchrow(
                 f"""UPDATE contractor_followup_schedules
                     SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2,
                         status_reason = $3, lease_until = NULL, last_error = NULL,
+                        calling_since = NULL,
                         text_source = CASE WHEN $4::text IS NULL THEN text_source
                                            ELSE 'template' END,
                         text_fallback_reason = coalesce($4, text_fallback_reason),
@@ -359,7 +597,7 @@ class FollowupStore:
                 text_fallback_reason,
             )
             if record is None:
-                return None
+                return None, None
             sent = Followup.from_record(record)
             await _transition(
                 connection,
@@ -369,17 +607,74 @@ class FollowupStore:
                 Status.SENT,
                 {"sent_by": sent_by, "attempt": row.attempts, "lateness_ms": sent.lateness_ms},
             )
-            return sent
+            following = None
+            if next_occurrence is not None:
+                sent, following = await self._continue_series(connection, sent, next_occurrence)
+            return sent, following
+
+    async def _continue_series(
+        self, connection: asyncpg.Connection, row: Followup, plan: NextOccurrence
+    ) -> tuple[Followup, Followup]:
+        record = await connection.fetchrow(
+            f"""INSERT INTO contractor_followup_schedules (
+                    contractor_id, action_item_id, event_id, scheduled_time, followup_type,
+                    message_template, message_tone, ai_should_personalize, ai_context_hints,
+                    skip_if_completed, is_recurring, recurrence_interval_days, idempotency_key,
+                    priority, requested_by, series_id, occurrence, prompt_variant)
+                SELECT contractor_id, action_item_id, event_id, $2, followup_type,
+                       message_template, message_tone, ai_should_personalize, ai_context_hints,
+                       skip_if_completed, true, recurrence_interval_days,
+                       'next:' || id, priority, requested_by, coalesce(series_id, id),
+                       occurrence + 1, NULL
+                FROM contractor_followup_schedules WHERE id = $1
+                ON CONFLICT (idempotency_key) DO NOTHING
+                RETURNING {_COLUMNS}""",
+            row.id,
+            plan.scheduled_time,
+        )
+        if record is None:
+            existing = await connection.fetchrow(
+                f"{_SELECT} WHERE idempotency_key = $1", f"next:{row.id}"
+            )
+            return row, Followup.from_record(existing)
+        following = Followup.from_record(record)
+        await _transition(
+            connection,
+            following.id,
+            "dispatcher",
+            None,
+            Status.SCHEDULED,
+            {"previous_occurrence": row.id, "scheduled_time": plan.scheduled_time.isoformat()},
+        )
+        linked = await connection.fetchrow(
+            f"""UPDATE contractor_followup_schedules SET next_occurrence_id = $2
+                WHERE id = $1 RETURNING {_COLUMNS}""",
+            row.id,
+            following.id,
+        )
+        await plan.arm(following)
+        return Followup.from_record(linked), following
 
     async def release_for_retry(
-        self, row: Followup, *, next_attempt_at: datetime, error: str, count_attempt: bool = True
+        self,
+        row: Followup,
+        *,
+        next_attempt_at: datetime,
+        error: str,
+        count_attempt: bool = True,
+        deferred_reason: str | None = None,
     ) -> bool:
-        """Back to `scheduled` for a later attempt (the timer for it is already armed)."""
+        """Back to `scheduled` for a later attempt (the timer for it is already armed).
+        `deferred_reason` marks a move that is policy, not failure (quiet hours, rate limit)."""
         async with self._pool.acquire() as connection, connection.transaction():
             done = await connection.fetchval(
                 """UPDATE contractor_followup_schedules
-                   SET status = 'scheduled', next_attempt_at = $2, last_error = $3,
-                       lease_until = NULL, attempts = attempts - CASE WHEN $4 THEN 0 ELSE 1 END,
+                   SET status = 'scheduled', next_attempt_at = $2,
+                       last_error = CASE WHEN $5::text IS NULL THEN $3 ELSE last_error END,
+                       lease_until = NULL, calling_since = NULL,
+                       attempts = attempts - CASE WHEN $4 THEN 0 ELSE 1 END,
+                       deferred_until = CASE WHEN $5::text IS NULL THEN deferred_until ELSE $2 END,
+                       deferred_reason = coalesce($5, deferred_reason),
                        updated_at = now()
                    WHERE id = $1 AND status = 'sending'
                    RETURNING id""",
@@ -387,6 +682,7 @@ class FollowupStore:
                 next_attempt_at,
                 error,
                 count_attempt,
+                deferred_reason,
             )
             if done is not None:
                 await _transition(
@@ -395,29 +691,74 @@ class FollowupStore:
                     "dispatcher",
                     Status.SENDING,
                     Status.SCHEDULED,
-                    {"retry_at": next_attempt_at.isoformat(), "error": error},
+                    {"retry_at": next_attempt_at.isoformat(), "reason": error},
                 )
             return done is not None
 
     async def finish(
-        self, row: Followup, status: Status, *, stage: str, reason: str
-    ) -> Followup | None:
-        """End a follow-up that is not sent (failed, skipped); only from a non-final status."""
+        self,
+        row: Followup,
+        status: Status,
+        *,
+        stage: str,
+        reason: str,
+        next_occurrence: NextOccurrence | None = None,
+    ) -> tuple[Followup | None, Followup | None]:
+        """End a follow-up that is not sent (failed, skipped) from a non-final status; a
+        recurring one continues with its next occurrence in the same transaction."""
         async with self._pool.acquire() as connection, connection.transaction():
             record = await connection.fetchrow(
                 f"""UPDATE contractor_followup_schedules
                     SET status = $2, status_reason = $3, lease_until = NULL, updated_at = now(),
+                        calling_since = NULL,
                         last_error = CASE WHEN $2 = 'failed' THEN $3 ELSE last_error END
-                    WHERE id = $1 AND status IN ('scheduled', 'sending')
+                    WHERE id = $1 AND status IN {_PENDING}
                     RETURNING {_COLUMNS}""",
                 row.id,
                 status,
                 reason,
             )
             if record is None:
-                return None
+                return None, None
             await _transition(connection, row.id, stage, row.status, status, {"reason": reason})
-            return Followup.from_record(record)
+            ended = Followup.from_record(record)
+            if next_occurrence is None:
+                return ended, None
+            return await self._continue_series(connection, ended, next_occurrence)
+
+    # ---- repair -----------------------------------------------------------------------------
+
+    async def overdue(self, grace: timedelta, limit: int = 500) -> list[Followup]:
+        """Rows whose send timer should have fired more than `grace` ago: scheduled ones past
+        their (next attempt) time, and sending ones whose lease ran out."""
+        records = await self._pool.fetch(
+            f"""{_SELECT}
+                WHERE (status = 'scheduled'
+                       AND greatest(scheduled_time, coalesce(next_attempt_at, scheduled_time))
+                           < clock_timestamp() - $1::interval)
+                   OR (status = 'sending' AND lease_until < clock_timestamp() - $1::interval)
+                ORDER BY scheduled_time LIMIT $2""",
+            grace,
+            limit,
+        )
+        return [Followup.from_record(r) for r in records]
+
+    async def unprepared(
+        self, grace: timedelta, lead: timedelta, limit: int = 500
+    ) -> list[Followup]:
+        """Scheduled rows whose text should have been prepared more than `grace` ago and whose
+        send is still far enough ahead for preparing it to be worth it."""
+        records = await self._pool.fetch(
+            f"""{_SELECT}
+                WHERE status = 'scheduled' AND prepared_version IS DISTINCT FROM version
+                  AND scheduled_time - $2::interval < clock_timestamp() - $1::interval
+                  AND scheduled_time > clock_timestamp() + $1::interval
+                ORDER BY scheduled_time LIMIT $3""",
+            grace,
+            lead,
+            limit,
+        )
+        return [Followup.from_record(r) for r in records]
 
 
 def _prefixed(alias: str) -> str:

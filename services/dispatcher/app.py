@@ -45,6 +45,9 @@ def create_app(settings: Settings) -> FastStream:
             max_attempts=settings.dispatch_max_attempts,
             # Longer than the webhook timeout, so a live dispatcher is never taken over.
             lease=timedelta(seconds=settings.webhook_timeout_seconds * 2 + 5),
+            personalize_lead=timedelta(seconds=settings.personalize_lead_seconds),
+            quiet_hours=settings.quiet_window,
+            default_zone=settings.default_zone,
         )
         return partial(handle, deps=deps)
 

@@ -1,19 +1,25 @@
-"""Dispatcher decisions: claim a due follow-up once, send it within the global limit, record it."""
+"""Dispatcher decisions: claim a due follow-up once, check it is still wanted and allowed, send
+it within the global limit, record the outcome (and the next occurrence of a recurring one)."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequest
 from shared.bus import Publisher, dead_letter
+from shared.calendar import next_occurrence, quiet_until, zone_for
 from shared.consumer import Incoming
 from shared.events import announce
 from shared.logging import get_logger
+from shared.metrics import MESSAGES, RATE_LIMIT_WAITS, RETRIES, SEND_LATENESS, SENDS
 from shared.phones import InvalidPhone, to_e164
+from shared.pipeline import arm_dispatch, arm_followup
 from shared.schemas import Status, TimerKind, TimerMessage, parse_timer
-from shared.store import Followup, FollowupStore
+from shared.settings import QuietHours
+from shared.store import Context, Followup, FollowupStore, NextOccurrence
 from shared.templates import TemplateContext, TemplateError, render
 from shared.timers import Clock, Timer, wait_until_due
 from shared.topology import DISPATCHER_DUE
@@ -23,6 +29,9 @@ log = get_logger("followups.dispatcher")
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_CAP_SECONDS = 300.0
 LEASE_MARGIN = timedelta(milliseconds=250)
+# When the send window is full, waiting follow-ups wake up this much later per priority step
+# below 9, so at each opening the highest priority one arrives first and takes the place.
+PRIORITY_STEP = timedelta(milliseconds=150)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,9 @@ class DispatcherDeps:
     rate_limit_per_minute: int
     max_attempts: int
     lease: timedelta
+    personalize_lead: timedelta
+    quiet_hours: QuietHours | None
+    default_zone: ZoneInfo
 
 
 def backoff(attempt: int, retry_after: float | None) -> timedelta:
@@ -44,15 +56,8 @@ def backoff(attempt: int, retry_after: float | None) -> timedelta:
     return timedelta(seconds=max(seconds, retry_after or 0.0))
 
 
-async def _arm(deps: DispatcherDeps, row: Followup, fire_at: datetime, attempt: int) -> None:
-    message = TimerMessage(
-        kind=TimerKind.DISPATCH,
-        followup_id=row.id,
-        version=row.version,
-        fire_at=fire_at,
-        attempt=attempt,
-    )
-    await deps.timer.arm(DISPATCHER_DUE.name, message.model_dump_json().encode(), fire_at)
+def priority_wake(frees_at: datetime, priority: int) -> datetime:
+    return frees_at + PRIORITY_STEP * (9 - priority) + timedelta(milliseconds=random.uniform(0, 50))
 
 
 async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
@@ -68,7 +73,7 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
     if row is None:
         await _not_claimed(due, deps)
         return
-    await _send(row, incoming, deps)
+    await _dispatch(row, incoming, deps)
 
 
 async def _not_claimed(due: TimerMessage, deps: DispatcherDeps) -> None:
@@ -78,7 +83,8 @@ async def _not_claimed(due: TimerMessage, deps: DispatcherDeps) -> None:
     row = await deps.store.get(due.followup_id)
     bound = log.bind(followup_id=due.followup_id, stage="dispatch")
     if row is None or row.version != due.version or row.status is not Status.SENDING:
-        bound.info(
+        MESSAGES.labels("dispatcher", "stale").inc()
+        bound.debug(
             "stale timer dropped",
             timer_version=due.version,
             status=row.status if row else "missing",
@@ -87,49 +93,108 @@ async def _not_claimed(due: TimerMessage, deps: DispatcherDeps) -> None:
     if row.lease_until is None:
         return
     wake = row.lease_until + LEASE_MARGIN
-    await _arm(deps, row, wake, due.attempt)
+    await arm_dispatch(deps.timer, row, wake, due.attempt)
     bound.info(
         "follow-up held by another dispatcher; looked at again when its lease ends",
         at=wake.isoformat(),
     )
 
 
-def _text(row: Followup, context: TemplateContext) -> tuple[str, str | None]:
-    if row.text_is_ready and row.prepared_text:
-        return row.prepared_text, None
-    return render(row.message_template, context), "not_ready"
+def _series_plan(row: Followup, zone: ZoneInfo, deps: DispatcherDeps) -> NextOccurrence | None:
+    if not row.is_recurring or row.recurrence_interval_days is None:
+        return None
+    when = next_occurrence(row.scheduled_time, row.recurrence_interval_days, zone, deps.clock())
+
+    async def _arm(following: Followup) -> None:
+        await arm_followup(deps.timer, following, deps.personalize_lead)
+
+    return NextOccurrence(scheduled_time=when, arm=_arm)
 
 
-async def _send(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> None:
-    bound = log.bind(
-        followup_id=row.id, contractor_id=row.contractor_id, stage="dispatch", attempt=row.attempts
-    )
+async def _dispatch(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> None:
     context = await deps.store.context(row)
     if context is None:
-        await _fail(row, incoming, deps, "contractor_missing")
+        await _end(row, incoming, deps, Status.FAILED, "contractor_missing", plan=None)
+        return
+    zone, bad_zone = zone_for(context.contractor.get("timezone"), deps.default_zone)
+    if bad_zone:
+        log.warning(
+            "contractor time zone unusable; using the default",
+            contractor_id=row.contractor_id,
+            default=str(deps.default_zone),
+        )
+    plan = _series_plan(row, zone, deps)
+    if context.contractor.get("sms_opt_out"):
+        await _end(row, incoming, deps, Status.SKIPPED, "opted_out", plan=None)
+        return
+    if row.skip_if_completed and (context.action_item or {}).get("status") == "completed":
+        await _end(row, incoming, deps, Status.SKIPPED, "action_item_completed", plan=plan)
         return
     try:
         phone = to_e164(context.contractor.get("phone"))
-        text, text_note = _text(
-            row, TemplateContext(context.contractor, context.action_item, context.event)
-        )
+        text, text_note = _text(row, context)
     except InvalidPhone as exc:
-        await _fail(row, incoming, deps, f"invalid_phone: {exc}")
+        await _end(row, incoming, deps, Status.FAILED, f"invalid_phone: {exc}", plan=plan)
         return
     except TemplateError as exc:
-        await _fail(row, incoming, deps, f"template: {exc}")
+        await _end(row, incoming, deps, Status.FAILED, f"template: {exc}", plan=plan)
         return
+    window_end = quiet_until(deps.clock(), deps.quiet_hours, zone)
+    if window_end is not None:
+        await arm_dispatch(deps.timer, row, window_end, row.attempts)
+        await deps.store.release_for_retry(
+            row,
+            next_attempt_at=window_end,
+            error="quiet_hours",
+            count_attempt=False,
+            deferred_reason=f"quiet_hours {deps.quiet_hours} in {zone.key}",
+        )
+        MESSAGES.labels("dispatcher", "deferred_quiet_hours").inc()
+        log.info(
+            "inside quiet hours; moved to the end of the window",
+            followup_id=row.id,
+            contractor_id=row.contractor_id,
+            until=window_end.isoformat(),
+        )
+        return
+    await _call(row, phone, text, text_note, plan, incoming, deps)
 
+
+def _text(row: Followup, context: Context) -> tuple[str, str | None]:
+    if row.text_is_ready and row.prepared_text:
+        return row.prepared_text, None
+    template_context = TemplateContext(context.contractor, context.action_item, context.event)
+    return render(row.message_template, template_context), "not_ready"
+
+
+async def _call(
+    row: Followup,
+    phone: str,
+    text: str,
+    text_note: str | None,
+    plan: NextOccurrence | None,
+    incoming: Incoming,
+    deps: DispatcherDeps,
+) -> None:
+    bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id, attempt=row.attempts)
     slot = await deps.store.start_call(row, limit_per_minute=deps.rate_limit_per_minute)
+    if slot.cancelled:
+        MESSAGES.labels("dispatcher", "cancelled_before_call").inc()
+        bound.info("cancelled or moved while being claimed; not sent")
+        return
     if slot.call_id is None:
         assert slot.frees_at is not None
-        await _arm(deps, row, slot.frees_at, row.attempts)
+        wake = priority_wake(slot.frees_at, row.priority)
+        await arm_dispatch(deps.timer, row, wake, row.attempts)
         await deps.store.release_for_retry(
-            row, next_attempt_at=slot.frees_at, error="rate_limited", count_attempt=False
+            row, next_attempt_at=wake, error="rate_limited", count_attempt=False
         )
-        bound.info("send window full; waiting in the broker", until=slot.frees_at.isoformat())
+        RATE_LIMIT_WAITS.inc()
+        bound.info(
+            "send window full; waiting in the broker", until=wake.isoformat(), priority=row.priority
+        )
         return
-
+    SEND_LATENESS.observe(max(0.0, (deps.clock() - row.scheduled_time).total_seconds()))
     result = await deps.gateway.send(
         SmsRequest(
             phone=phone,
@@ -143,36 +208,38 @@ async def _send(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> None
             priority=row.priority,
         )
     )
+    SENDS.labels(result.outcome.value).inc()
     await deps.store.record_call_end(slot.call_id, result.outcome.value, result.http_status)
-    await _settle(row, result, text_note, incoming, deps)
+    await _settle(row, result, text_note, plan, incoming, deps)
 
 
 async def _settle(
     row: Followup,
     result: GatewayResult,
     text_note: str | None,
+    plan: NextOccurrence | None,
     incoming: Incoming,
     deps: DispatcherDeps,
 ) -> None:
     bound = log.bind(
         followup_id=row.id,
         contractor_id=row.contractor_id,
-        stage="dispatch",
         attempt=row.attempts,
         http_status=result.http_status,
     )
     if result.outcome is Outcome.SENT:
-        note = (
-            "console sink: not delivered to a gateway"
-            if deps.gateway.sent_by != "dispatcher"
-            else None
-        )
-        sent = await deps.store.mark_sent(
-            row, sent_by=deps.gateway.sent_by, note=note, text_fallback_reason=text_note
+        real = deps.gateway.sent_by == "dispatcher"
+        sent, following = await deps.store.mark_sent(
+            row,
+            sent_by=deps.gateway.sent_by,
+            note=None if real else "console sink: not delivered to a gateway",
+            text_fallback_reason=text_note,
+            next_occurrence=plan,
         )
         if sent is None:
             bound.warning("sent, but the row had left 'sending' meanwhile")
             return
+        MESSAGES.labels("dispatcher", "sent").inc()
         bound.info(
             "follow-up sent",
             lateness_ms=sent.lateness_ms,
@@ -186,45 +253,76 @@ async def _settle(
             deps.clock,
             attempts=sent.attempts,
             lateness_ms=sent.lateness_ms,
+            next_occurrence_id=sent.next_occurrence_id,
         )
+        await _announce_next(following, deps)
         return
-    if result.outcome is Outcome.RETRY and row.attempts < deps.max_attempts:
-        retry_at = deps.clock() + backoff(row.attempts, result.retry_after)
-        await _arm(deps, row, retry_at, row.attempts + 1)
-        await deps.store.release_for_retry(row, next_attempt_at=retry_at, error=result.reason)
-        bound.warning(
-            "gateway refused for now; retrying", reason=result.reason, retry_at=retry_at.isoformat()
-        )
-        return
-    reason = (
-        result.reason
-        if result.outcome is Outcome.FAILED
-        else (f"gave up after {row.attempts} attempts: {result.reason}")
+    if result.outcome is Outcome.RETRY:
+        if result.http_status == 429:
+            pause = timedelta(seconds=result.retry_after or BACKOFF_BASE_SECONDS)
+            await deps.store.pause_gateway(deps.clock() + pause, "http_429")
+            bound.warning("gateway asked the fleet to slow down", pause_seconds=pause.seconds)
+        if row.attempts < deps.max_attempts:
+            retry_at = deps.clock() + backoff(row.attempts, result.retry_after)
+            await arm_dispatch(deps.timer, row, retry_at, row.attempts + 1)
+            await deps.store.release_for_retry(row, next_attempt_at=retry_at, error=result.reason)
+            RETRIES.inc()
+            bound.warning(
+                "gateway refused for now; retrying",
+                reason=result.reason,
+                retry_at=retry_at.isoformat(),
+            )
+            return
+        reason = f"gave up after {row.attempts} attempts: {result.reason}"
+    else:
+        reason = result.reason
+    await _end(row, incoming, deps, Status.FAILED, reason, plan=plan)
+
+
+async def _announce_next(following: Followup | None, deps: DispatcherDeps) -> None:
+    if following is not None and following.status is Status.SCHEDULED:
+        await announce(deps.publisher, "followup.scheduled", following, deps.clock)
+
+
+async def _end(
+    row: Followup,
+    incoming: Incoming,
+    deps: DispatcherDeps,
+    status: Status,
+    reason: str,
+    *,
+    plan: NextOccurrence | None,
+) -> None:
+    ended, following = await deps.store.finish(
+        row, status, stage="dispatcher", reason=reason, next_occurrence=plan
     )
-    await _fail(row, incoming, deps, reason)
-
-
-async def _fail(row: Followup, incoming: Incoming, deps: DispatcherDeps, reason: str) -> None:
-    failed = await deps.store.finish(row, Status.FAILED, stage="dispatcher", reason=reason)
-    if failed is None:
+    if ended is None:
         return
+    MESSAGES.labels("dispatcher", status.value).inc()
     log.warning(
-        "follow-up failed", followup_id=row.id, contractor_id=row.contractor_id, reason=reason
+        f"follow-up {status.value}",
+        followup_id=row.id,
+        contractor_id=row.contractor_id,
+        reason=reason,
     )
-    await dead_letter(
-        deps.publisher,
-        dead_letter_queue=DISPATCHER_DUE.dead_letter_queue,
-        body=incoming.body,
-        headers=dict(incoming.headers),
-        rule="failed",
-        detail=reason,
-        source_routing_key=incoming.routing_key,
-    )
+    if status is Status.FAILED:
+        await dead_letter(
+            deps.publisher,
+            dead_letter_queue=DISPATCHER_DUE.dead_letter_queue,
+            body=incoming.body,
+            headers=dict(incoming.headers),
+            rule="failed",
+            detail=reason,
+            source_routing_key=incoming.routing_key,
+        )
+    event = "followup.failed" if status is Status.FAILED else "followup.skipped"
     await announce(
         deps.publisher,
-        "followup.failed",
-        failed,
+        event,
+        ended,
         deps.clock,
         reason=reason,
-        attempts=failed.attempts,
+        attempts=ended.attempts,
+        next_occurrence_id=ended.next_occurrence_id,
     )
+    await _announce_next(following, deps)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,11 +14,18 @@ from shared.consumer import Incoming
 from shared.errors import Rejected
 from shared.events import announce
 from shared.logging import get_logger
-from shared.schemas import FollowupRequested, TimerKind, TimerMessage, parse_inbound
-from shared.store import Followup, FollowupStore
+from shared.pipeline import arm_followup
+from shared.schemas import (
+    CancelRequested,
+    FollowupRequested,
+    RescheduleRequested,
+    ResponseReceived,
+    Status,
+    parse_inbound,
+)
+from shared.store import Followup, FollowupStore, Reference
 from shared.templates import TemplateError, check_template
 from shared.timers import Clock, Timer
-from shared.topology import DISPATCHER_DUE, PERSONALIZER_DUE
 
 log = get_logger("followups.scheduler")
 
@@ -42,27 +49,8 @@ def idempotency_key(request: FollowupRequested, incoming: Incoming) -> str:
     return "sha256:" + hashlib.sha256(incoming.body).hexdigest()
 
 
-async def arm_timers(row: Followup, deps: SchedulerDeps) -> None:
-    """Both timers at once: the text is prepared ahead, and the send fires on time even if the
-    personalizer is down (the dispatcher then sends the rendered template)."""
-    personalize = TimerMessage(
-        kind=TimerKind.PERSONALIZE,
-        followup_id=row.id,
-        version=row.version,
-        fire_at=row.scheduled_time - deps.personalize_lead,
-    )
-    dispatch = TimerMessage(
-        kind=TimerKind.DISPATCH,
-        followup_id=row.id,
-        version=row.version,
-        fire_at=row.scheduled_time,
-    )
-    await asyncio.gather(
-        deps.timer.arm(
-            PERSONALIZER_DUE.name, personalize.model_dump_json().encode(), personalize.fire_at
-        ),
-        deps.timer.arm(DISPATCHER_DUE.name, dispatch.model_dump_json().encode(), dispatch.fire_at),
-    )
+def arm_timers(row: Followup, deps: SchedulerDeps) -> Awaitable[None]:
+    return arm_followup(deps.timer, row, deps.personalize_lead)
 
 
 async def schedule(request: FollowupRequested, incoming: Incoming, deps: SchedulerDeps) -> None:
@@ -85,6 +73,10 @@ async def schedule(request: FollowupRequested, incoming: Incoming, deps: Schedul
     if not created:
         bound.info("duplicate request ignored", status=row.status)
         return
+    if row.status is Status.SKIPPED:
+        bound.info("contractor opted out; follow-up skipped")
+        await announce(deps.publisher, "followup.skipped", row, deps.clock, reason="opted_out")
+        return
     bound.info(
         "follow-up scheduled",
         scheduled_time=row.scheduled_time.isoformat(),
@@ -101,9 +93,89 @@ def _missing_reference(exc: asyncpg.ForeignKeyViolationError) -> str:
     return "a referenced contractor, action item or event does not exist"
 
 
+OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
+OPT_IN_WORDS = frozenset({"START", "UNSTOP"})
+
+
+def opt_change(text: str) -> bool | None:
+    """Carrier keywords count only as the whole reply (so "stop by at 5" is not an opt-out)."""
+    word = text.strip().strip(".!").upper()
+    if word in OPT_OUT_WORDS:
+        return True
+    if word in OPT_IN_WORDS:
+        return False
+    return None
+
+
+async def cancel(command: CancelRequested, deps: SchedulerDeps) -> None:
+    reference = Reference(command.followup_id, command.idempotency_key)
+    rows = await deps.store.cancel(reference, command.reason or "cancel_requested")
+    if not rows:
+        current = await deps.store.find(reference)
+        log.info(
+            "nothing to cancel",
+            followup_id=command.followup_id,
+            status=current.status if current else "missing",
+        )
+        return
+    for row in rows:
+        log.info("follow-up cancelled", followup_id=row.id, contractor_id=row.contractor_id)
+        await announce(
+            deps.publisher, "followup.cancelled", row, deps.clock, reason=row.status_reason
+        )
+
+
+async def reschedule(command: RescheduleRequested, deps: SchedulerDeps) -> None:
+    reference = Reference(command.followup_id, command.idempotency_key)
+    row = await deps.store.reschedule(
+        reference, command.scheduled_time, before_commit=lambda row: arm_timers(row, deps)
+    )
+    if row is None:
+        log.info("nothing pending to reschedule", followup_id=command.followup_id)
+        return
+    log.info(
+        "follow-up rescheduled",
+        followup_id=row.id,
+        contractor_id=row.contractor_id,
+        scheduled_time=row.scheduled_time.isoformat(),
+        version=row.version,
+    )
+    await announce(deps.publisher, "followup.scheduled", row, deps.clock)
+
+
+async def record_response(command: ResponseReceived, deps: SchedulerDeps) -> None:
+    outcome = await deps.store.record_response(
+        contractor_id=command.contractor_id,
+        phone=command.phone,
+        followup_id=command.followup_id,
+        text=command.text,
+        received_at=command.received_at or deps.clock(),
+        opt_out=opt_change(command.text),
+    )
+    if outcome.contractor_id is None:
+        raise Rejected("unknown_reference", "no contractor with that id or phone")
+    bound = log.bind(contractor_id=outcome.contractor_id)
+    if outcome.opt_change is not None:
+        bound.info(
+            "contractor opted out" if outcome.opt_change else "contractor opted back in",
+            cancelled=len(outcome.cancelled),
+        )
+    for row in outcome.cancelled:
+        await announce(deps.publisher, "followup.cancelled", row, deps.clock, reason="opted_out")
+    if outcome.recorded_on is None:
+        bound.info("response with no sent follow-up to attach it to")
+        return
+    bound.info("response recorded", followup_id=outcome.recorded_on.id)
+    await announce(deps.publisher, "followup.response_recorded", outcome.recorded_on, deps.clock)
+
+
 async def handle(incoming: Incoming, deps: SchedulerDeps) -> None:
     command = parse_inbound(incoming.routing_key, incoming.body, incoming.content_type)
     if isinstance(command, FollowupRequested):
         await schedule(command, incoming, deps)
-    else:
-        raise Rejected("not_implemented", f"{incoming.routing_key} is not handled yet")
+    elif isinstance(command, CancelRequested):
+        await cancel(command, deps)
+    elif isinstance(command, RescheduleRequested):
+        await reschedule(command, deps)
+    elif isinstance(command, ResponseReceived):
+        await record_response(command, deps)

@@ -1,0 +1,43 @@
+"""Arming the pipeline's timers for a follow-up row (used by the scheduler and the dispatcher)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from shared.metrics import TIMERS_ARMED
+from shared.schemas import TimerKind, TimerMessage
+from shared.store import Followup
+from shared.timers import Timer
+from shared.topology import DISPATCHER_DUE, PERSONALIZER_DUE
+
+
+async def arm(timer: Timer, destination: str, message: TimerMessage) -> None:
+    await timer.arm(destination, message.model_dump_json().encode(), message.fire_at)
+    TIMERS_ARMED.labels(timer.backend.value, destination).inc()
+
+
+async def arm_dispatch(timer: Timer, row: Followup, fire_at: datetime, attempt: int) -> None:
+    message = TimerMessage(
+        kind=TimerKind.DISPATCH,
+        followup_id=row.id,
+        version=row.version,
+        fire_at=fire_at,
+        attempt=attempt,
+    )
+    await arm(timer, DISPATCHER_DUE.name, message)
+
+
+async def arm_followup(timer: Timer, row: Followup, lead: timedelta) -> None:
+    """Both timers at once: the text is prepared ahead, and the send fires on time even if the
+    personalizer is down (the dispatcher then sends the rendered template)."""
+    personalize = TimerMessage(
+        kind=TimerKind.PERSONALIZE,
+        followup_id=row.id,
+        version=row.version,
+        fire_at=row.scheduled_time - lead,
+    )
+    await asyncio.gather(
+        arm(timer, PERSONALIZER_DUE.name, personalize),
+        arm_dispatch(timer, row, row.scheduled_time, attempt=1),
+    )
