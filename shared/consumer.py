@@ -14,6 +14,7 @@ from shared.bus import Publisher, dead_letter
 from shared.db import CONNECTION_ERRORS
 from shared.errors import Rejected, RetryLater
 from shared.logging import get_logger
+from shared.metrics import REJECTED
 from shared.topology import WorkQueue
 
 log = get_logger("followups.consumer")
@@ -57,6 +58,7 @@ async def consume(
     try:
         await _with_retries(handler, incoming)
     except Rejected as exc:
+        REJECTED.labels(queue.name, exc.rule).inc()
         log.warning(
             "message rejected to the dead-letter queue",
             queue=queue.name,

@@ -16,17 +16,23 @@ from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 from shared.timers import utcnow
 from shared.topology import DISPATCHER_DUE
+from shared.webhook_target import check_signing_secret, check_webhook_target
 
 
 def make_gateway(settings: Settings) -> Gateway:
     if settings.n8n_outbound_webhook_url is None:
         return ConsoleSink()
+    check_webhook_target(
+        str(settings.n8n_outbound_webhook_url), allow_insecure=settings.webhook_allow_insecure
+    )
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(settings.webhook_timeout_seconds, connect=5.0),
         follow_redirects=False,
         limits=httpx.Limits(max_connections=settings.dispatch_concurrency),
     )
     secret = settings.webhook_signing_secret
+    if secret:
+        check_signing_secret(secret.get_secret_value())
     signer = Webhook(secret.get_secret_value()) if secret else None
     return WebhookGateway(str(settings.n8n_outbound_webhook_url), client, signer)
 

@@ -1,0 +1,132 @@
+"""Where SMS may go and how they are signed, checked once when the dispatcher starts.
+
+A wrong N8N_OUTBOUND_WEBHOOK_URL would hand contractors' phone numbers and messages to whatever
+answers there, so a target that is not a public https endpoint stops the service, unless
+WEBHOOK_ALLOW_INSECURE=true says this is local development (a local n8n on localhost:5678).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
+
+from shared.errors import ConfigurationError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Iterable[str]]
+
+SECRET_PREFIX = "whsec_"  # noqa: S105 (a format marker, not a secret)
+# Standard Webhooks asks for keys of 24 to 64 random bytes.
+MIN_SECRET_BYTES = 24
+MAX_SECRET_BYTES = 64
+
+_METADATA = frozenset(
+    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+)
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_LOCAL_ONLY = "set WEBHOOK_ALLOW_INSECURE=true only for a local development target"
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigurationError(
+            f"N8N_OUTBOUND_WEBHOOK_URL: host {host!r} does not resolve ({exc}); "
+            "check the host name and this machine's DNS"
+        ) from None
+    return [str(info[4][0]) for info in infos]
+
+
+def refusal(address: IPAddress) -> str | None:
+    """Why an SMS must not go to this address, or None when it is publicly routable."""
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address wrapped in IPv6 reaches the IPv4 host: judge that one.
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            return refusal(embedded)
+    checks = (
+        (address in _METADATA, "a cloud metadata address"),
+        (address.is_loopback, "a loopback address"),
+        (address.is_unspecified, "the unspecified address"),
+        (address.is_link_local, "a link-local address"),
+        (address.is_multicast, "a multicast address"),
+        (address in _CGNAT, "a carrier-grade NAT address (100.64.0.0/10)"),
+        (address.is_private, "a private address"),
+        (address.is_reserved or not address.is_global, "a reserved, non-public address"),
+    )
+    return next((reason for refused, reason in checks if refused), None)
+
+
+def _addresses(host: str, port: int, resolve: Resolver) -> list[IPAddress]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    found = [ipaddress.ip_address(address) for address in resolve(host, port)]
+    if not found:
+        raise ConfigurationError(f"N8N_OUTBOUND_WEBHOOK_URL: host {host!r} has no address")
+    return found
+
+
+def check_webhook_target(
+    url: str, *, allow_insecure: bool, resolve: Resolver = resolve_host
+) -> None:
+    """Raise ConfigurationError, saying what to fix, unless `url` is a fit SMS webhook target.
+
+    Every address the host resolves to must be public: one private answer is enough for a
+    request to land inside the network. The URL itself is never echoed (it may hold a token).
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"N8N_OUTBOUND_WEBHOOK_URL is not a valid URL ({exc})") from None
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError(
+            "N8N_OUTBOUND_WEBHOOK_URL must not carry credentials (user:password@host); remove "
+            "them and let the receiver verify WEBHOOK_SIGNING_SECRET signatures instead"
+        )
+    if parts.scheme not in ("https", "http"):
+        raise ConfigurationError(
+            f"N8N_OUTBOUND_WEBHOOK_URL must start with https:// (got scheme {parts.scheme!r})"
+        )
+    host = parts.hostname
+    if not host:
+        raise ConfigurationError("N8N_OUTBOUND_WEBHOOK_URL has no host; write https://host/path")
+    if allow_insecure:
+        return
+    if parts.scheme == "http":
+        raise ConfigurationError(
+            "N8N_OUTBOUND_WEBHOOK_URL must use https: SMS carry phone numbers; " + _LOCAL_ONLY
+        )
+    for address in _addresses(host, port or 443, resolve):
+        reason = refusal(address)
+        if reason is not None:
+            raise ConfigurationError(
+                f"N8N_OUTBOUND_WEBHOOK_URL: host {host!r} is {address}, {reason}; "
+                f"use a public https endpoint, or {_LOCAL_ONLY}"
+            )
+
+
+def check_signing_secret(secret: str) -> None:
+    """The secret must be `whsec_` and base64 of 24-64 random bytes, as Standard Webhooks asks;
+    anything else would sign with a key the receiver cannot reproduce, or a weak one."""
+    encoded = secret.strip().removeprefix(SECRET_PREFIX)
+    how = (
+        f"WEBHOOK_SIGNING_SECRET must be {SECRET_PREFIX} followed by the base64 of "
+        f"{MIN_SECRET_BYTES}-{MAX_SECRET_BYTES} random bytes, "
+        f"for example {SECRET_PREFIX}$(openssl rand -base64 32)"
+    )
+    if not secret.strip().startswith(SECRET_PREFIX):
+        raise ConfigurationError(f"{how}; the {SECRET_PREFIX} prefix is missing")
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ConfigurationError(f"{how}; the part after {SECRET_PREFIX} is not base64") from None
+    if not MIN_SECRET_BYTES <= len(key) <= MAX_SECRET_BYTES:
+        raise ConfigurationError(f"{how}; this one decodes to {len(key)} bytes")
