@@ -14,10 +14,16 @@ def to_e164(raw: str | None, default_region: str = "US") -> str:
         raise InvalidPhone("missing phone number")
     if not raw.isascii():
         raise InvalidPhone("phone number has non-ASCII characters")
+    # libphonenumber reads letters as a keypad word (1-800-FLOWERS) or an extension; a stored
+    # number with letters is a data error, not something to guess a recipient from.
+    if any(ch.isalpha() for ch in raw):
+        raise InvalidPhone("phone number has letters; store digits only, in E.164 form")
     try:
         parsed = phonenumbers.parse(raw, default_region)
     except phonenumbers.NumberParseException as exc:
         raise InvalidPhone(f"unparseable phone number (code {exc.error_type})") from None
     if not phonenumbers.is_valid_number(parsed):
         raise InvalidPhone("not a valid phone number for its region")
+    if parsed.extension:
+        raise InvalidPhone("phone number has an extension, which an SMS cannot reach")
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
