@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from faststream import AckPolicy, FastStream
@@ -14,6 +16,7 @@ from faststream.rabbit.annotations import RabbitMessage
 from shared.bus import BrokerPublisher, make_broker
 from shared.consumer import Handler, consume
 from shared.db import create_pool
+from shared.health import Readiness, ServiceApp, metrics_middleware
 from shared.logging import configure_logging, get_logger
 from shared.settings import Settings
 from shared.store import FollowupStore
@@ -39,12 +42,18 @@ def create_service_app(
     make_handler: Callable[[Runtime], Handler],
     *,
     prefetch: int,
+    background: Sequence[Callable[[Runtime], Coroutine[Any, Any, None]]] = (),
 ) -> FastStream:
+    """`background` jobs run beside the consumer once the broker is connected, until shutdown."""
     configure_logging(settings)
     log = get_logger(f"followups.{name}").bind(service=name)
     broker = make_broker(settings.rabbitmq_url, logger=log)
+    broker.add_middleware(metrics_middleware(name))
+    readiness = Readiness(broker)
     publisher = BrokerPublisher(broker)
     handlers: list[Handler] = []
+    runtimes: list[Runtime] = []
+    jobs: list[asyncio.Task[None]] = []
 
     @broker.subscriber(
         RabbitQueue(queue.name, queue_type=QueueType.QUORUM, declare=False),
@@ -61,6 +70,7 @@ def create_service_app(
             settings.rabbitmq_url, backend=backend, queue_type=settings.delay_queue_type
         )
         pool = await create_pool(settings.database_url, max_size=max(4, prefetch + 2))
+        readiness.pool = pool
         runtime = Runtime(
             settings=settings,
             pool=pool,
@@ -69,6 +79,7 @@ def create_service_app(
             store=FollowupStore(pool),
         )
         handlers.append(make_handler(runtime))
+        runtimes.append(runtime)
         log.info(
             "service starting", queue=queue.name, timer_backend=backend.value, prefetch=prefetch
         )
@@ -78,4 +89,16 @@ def create_service_app(
             await pool.close()
             log.info("service stopped")
 
-    return FastStream(broker, lifespan=lifespan, logger=log)
+    app = ServiceApp(broker, name=name, readiness=readiness, lifespan=lifespan, logger=log)
+
+    @app.after_startup
+    async def start_background() -> None:
+        jobs.extend(asyncio.create_task(job(runtimes[0])) for job in background)
+
+    @app.on_shutdown
+    async def stop_background() -> None:
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+
+    return app

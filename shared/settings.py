@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
     openai_model: str = "gpt-4o-mini"
+    prompt_variants: str = "standard"  # names with optional weights: "standard:2,question:1"
     personalize_lead_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60
 
     n8n_outbound_webhook_url: AnyHttpUrl | None = None
@@ -69,11 +70,18 @@ class Settings(BaseSettings):
     dispatch_concurrency: Annotated[int, Field(ge=1, le=1000)] = 5
     dispatch_max_attempts: Annotated[int, Field(ge=1, le=50)] = 3
 
+    sweep_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 30
+    sweep_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30
+
     quiet_hours: str = "21:00-08:00"
     default_timezone: str = "America/New_York"
 
     log_level: str = "INFO"
     log_format: LogFormat | None = None
+
+    # Health, readiness and metrics endpoints; HTTP_PORT unset: the service's own default port.
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
 
     @field_validator("quiet_hours")
     @classmethod

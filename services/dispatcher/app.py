@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import httpx
 from faststream import FastStream
@@ -11,6 +13,7 @@ from standardwebhooks import Webhook
 
 from services.dispatcher.gateway import ConsoleSink, Gateway, WebhookGateway
 from services.dispatcher.handlers import DispatcherDeps, handle
+from services.dispatcher.sweep import sweep_forever
 from shared.consumer import Handler
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
@@ -57,8 +60,24 @@ def create_app(settings: Settings) -> FastStream:
         )
         return partial(handle, deps=deps)
 
+    def _sweep(runtime: Runtime) -> Coroutine[Any, Any, None]:
+        return sweep_forever(
+            settings.database_url,
+            runtime.store,
+            runtime.timer,
+            utcnow,
+            interval=timedelta(seconds=settings.sweep_interval_seconds),
+            grace=timedelta(seconds=settings.sweep_grace_seconds),
+            lead=timedelta(seconds=settings.personalize_lead_seconds),
+        )
+
     app = create_service_app(
-        "dispatcher", settings, DISPATCHER_DUE, _handler, prefetch=settings.dispatch_concurrency
+        "dispatcher",
+        settings,
+        DISPATCHER_DUE,
+        _handler,
+        prefetch=settings.dispatch_concurrency,
+        background=[_sweep],
     )
     app.after_shutdown(gateway.aclose)
     return app

@@ -13,6 +13,7 @@ from shared.bus import Publisher, dead_letter
 from shared.calendar import next_occurrence, quiet_until, zone_for
 from shared.consumer import Incoming
 from shared.events import announce
+from shared.faults import crash_point
 from shared.logging import get_logger
 from shared.metrics import MESSAGES, RATE_LIMIT_WAITS, RETRIES, SEND_LATENESS, SENDS
 from shared.phones import InvalidPhone, to_e164
@@ -209,6 +210,7 @@ async def _call(
         )
     )
     SENDS.labels(result.outcome.value).inc()
+    crash_point("after_webhook")
     await deps.store.record_call_end(slot.call_id, result.outcome.value, result.http_status)
     await _settle(row, result, text_note, plan, incoming, deps)
 

@@ -99,3 +99,56 @@ async def wait_for_final(pool: asyncpg.Pool, expected: int, timeout: float = 60.
 
 def soon(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+class EventLog:
+    """Every lifecycle event published on exchange `followups`, as the outside world sees it."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def named(self, name: str, followup_id: int | None = None) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events
+            if e["event"] == name and (followup_id is None or e["followup_id"] == followup_id)
+        ]
+
+
+@pytest.fixture
+async def events(settings) -> AsyncIterator[EventLog]:
+    import aio_pika
+
+    log = EventLog()
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(PUBLIC_EXCHANGE, routing_key="followup.#")
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        body = json.loads(message.body)
+        if "event" in body:
+            log.events.append(body)
+        await message.ack()
+
+    await queue.consume(on_message)
+    yield log
+    await connection.close()
+
+
+async def publish_command(bus: BrokerPublisher, routing_key: str, body: dict[str, Any]) -> None:
+    await bus.publish(
+        json.dumps(body, default=str).encode(),
+        exchange=PUBLIC_EXCHANGE,
+        routing_key=routing_key,
+        mandatory=False,
+    )
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(0.1)
+    return False
