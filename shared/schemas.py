@@ -149,7 +149,9 @@ def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _I
         raise InvalidMessage("content_type", f"{content_type!r}; send application/json")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers bad UTF-8, bad JSON and integers too long to convert; RecursionError,
+    # nesting too deep for the decoder. Either way the sender must fix the body.
+    except (ValueError, RecursionError) as exc:
         raise InvalidMessage(
             "malformed_json", f"not valid UTF-8 JSON ({exc.__class__.__name__})"
         ) from None
