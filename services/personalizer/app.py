@@ -1,23 +1,56 @@
-"""Personalizer wiring: settings, broker, pool and the due-timer subscriber."""
+"""Personalizer wiring: settings, broker, pool, the LLM client and the due-timer subscriber."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import partial
 
 from faststream import FastStream
+from openai import AsyncOpenAI
 
 from services.personalizer.handlers import PersonalizerDeps, handle
+from services.personalizer.llm import OpenAIWriter, TextWriter
+from services.personalizer.variants import VariantPlan
 from shared.consumer import Handler
+from shared.logging import get_logger
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 from shared.timers import utcnow
 from shared.topology import PERSONALIZER_DUE
 
 
-def _handler(runtime: Runtime) -> Handler:
-    deps = PersonalizerDeps(store=runtime.store, timer=runtime.timer, clock=utcnow)
-    return partial(handle, deps=deps)
+def make_writer(settings: Settings) -> TextWriter | None:
+    key = settings.openai_api_key.get_secret_value().strip() if settings.openai_api_key else ""
+    if not key:
+        return None
+    # Retries are the writer's (within the lead), so the SDK makes none of its own.
+    client = AsyncOpenAI(api_key=key, base_url=settings.openai_base_url, max_retries=0)
+    return OpenAIWriter(client, settings.openai_model)
 
 
 def create_app(settings: Settings) -> FastStream:
-    return create_service_app("personalizer", settings, PERSONALIZER_DUE, _handler, prefetch=16)
+    variants = VariantPlan.parse(settings.prompt_variants)
+    writer = make_writer(settings)
+
+    def _handler(runtime: Runtime) -> Handler:
+        log = get_logger("followups.personalizer")
+        if writer is None:
+            log.warning("AI personalisation off: OPENAI_API_KEY is not set; templates are sent")
+        else:
+            log.info("AI personalisation on", model=writer.model, prompt_variants=str(variants))
+        deps = PersonalizerDeps(
+            store=runtime.store,
+            timer=runtime.timer,
+            publisher=runtime.publisher,
+            clock=utcnow,
+            writer=writer,
+            variants=variants,
+            personalize_lead=timedelta(seconds=settings.personalize_lead_seconds),
+            default_zone=settings.default_zone,
+        )
+        return partial(handle, deps=deps)
+
+    app = create_service_app("personalizer", settings, PERSONALIZER_DUE, _handler, prefetch=16)
+    if writer is not None:
+        app.after_shutdown(writer.aclose)
+    return app
