@@ -1,0 +1,96 @@
+"""Getting a deployment going: migrate the database, declare the topology, run the services."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from services.cli.common import console, fail, load_settings
+
+SERVICES = ("scheduler", "personalizer", "dispatcher")
+
+
+def migrate() -> None:
+    """Create the database if needed and apply pending migrations.
+
+    Example: [bold]DATABASE_URL=postgresql://127.0.0.1/followups followups migrate[/bold]
+    """
+    from shared.errors import ConfigurationError
+    from shared.migrate import migrate as run_migrations
+
+    settings = load_settings()
+    try:
+        report = run_migrations(settings.database_url)
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
+    console.print(report or "migrations: nothing to do")
+
+
+def declare() -> None:
+    """Declare the broker topology (exchanges, queues, timers) for the configured backend.
+
+    Example: [bold]followups declare[/bold]
+    """
+    from shared.timers import resolve_backend
+    from shared.topology import declare_topology
+
+    settings = load_settings()
+
+    async def _run() -> str:
+        backend = await resolve_backend(settings.rabbitmq_url, settings.delay_backend)
+        await declare_topology(
+            settings.rabbitmq_url, backend=backend, queue_type=settings.delay_queue_type
+        )
+        return backend.value
+
+    console.print(f"topology declared; timer backend: {asyncio.run(_run())}")
+
+
+def run(
+    service: Annotated[str, typer.Argument(help="scheduler, personalizer, dispatcher or all")],
+) -> None:
+    """Run one service, or all three as child processes, until Ctrl-C.
+
+    Each service serves /healthz, /readyz and /metrics on HTTP_HOST:HTTP_PORT (default 127.0.0.1,
+    port 8081 scheduler, 8082 personalizer, 8083 dispatcher; HTTP_PORT=0 picks a free port).
+
+    Example: [bold]followups run all[/bold]
+    """
+    if service == "all":
+        raise typer.Exit(_run_all())
+    if service not in SERVICES:
+        raise fail(f"unknown service {service!r}; choose from {', '.join(SERVICES)} or all", 2)
+    from shared.health import ServiceApp
+
+    settings = load_settings()
+    app = importlib.import_module(f"services.{service}.app").create_app(settings)
+    if not isinstance(app, ServiceApp):
+        raise fail(f"services.{service}.app.create_app must return a ServiceApp")
+    asyncio.run(app.serve(settings.http_host, settings.http_port))
+
+
+def _run_all() -> int:
+    port = os.environ.get("HTTP_PORT", "")
+    if port not in ("", "0"):
+        raise fail("HTTP_PORT names one port; unset it (or set 0) to run all three services", 2)
+    children = [
+        subprocess.Popen([sys.executable, "-m", "services.cli.main", "run", name])  # noqa: S603
+        for name in SERVICES
+    ]
+
+    def _forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, _forward)
+    signal.signal(signal.SIGTERM, _forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
