@@ -39,6 +39,8 @@ def service_env(settings: Settings, receiver: WebhookReceiver, **overrides: str)
         "PERSONALIZE_LEAD_SECONDS": "1",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
+        # A free port each: test runs side by side must not fight over the default ports.
+        "HTTP_PORT": "0",
     }
     env.update(overrides)
     return env
