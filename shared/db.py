@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
+
+T = TypeVar("T")
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
@@ -14,9 +19,13 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "followups"
+) -> asyncpg.Pool:
+    """`application_name` shows in pg_stat_activity which service holds a connection."""
     pool = await asyncpg.create_pool(
         dsn,
+        server_settings={"application_name": application_name},
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
@@ -40,3 +49,17 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+# Pauses between tries of a write that must not be lost (about 25 s in all).
+PERSIST_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
+
+
+async def persist(operation: Callable[[], Awaitable[T]]) -> T:
+    """Run a database write again across connection losses. For writes after a side effect
+    (the webhook call) that must not make the whole message run again."""
+    for pause in PERSIST_PAUSES:
+        try:
+            return await operation()
+        except CONNECTION_ERRORS:
+            await asyncio.sleep(pause)
+    return await operation()

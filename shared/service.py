@@ -14,7 +14,7 @@ from faststream.rabbit import Channel, QueueType, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from shared.bus import BrokerPublisher, make_broker
-from shared.consumer import Handler, consume
+from shared.consumer import Handler, consume, raw_body
 from shared.db import create_pool
 from shared.health import Readiness, ServiceApp, metrics_middleware
 from shared.logging import configure_logging, get_logger
@@ -59,6 +59,7 @@ def create_service_app(
         RabbitQueue(queue.name, queue_type=QueueType.QUORUM, declare=False),
         ack_policy=AckPolicy.MANUAL,
         channel=Channel(prefetch_count=prefetch),
+        decoder=raw_body,
     )
     async def on_message(message: RabbitMessage) -> None:
         await consume(message, queue, handlers[0], publisher)
@@ -69,7 +70,11 @@ def create_service_app(
         await declare_topology(
             settings.rabbitmq_url, backend=backend, queue_type=settings.delay_queue_type
         )
-        pool = await create_pool(settings.database_url, max_size=max(4, prefetch + 2))
+        pool = await create_pool(
+            settings.database_url,
+            max_size=max(4, prefetch + 2),
+            application_name=f"followups-{name}",
+        )
         readiness.pool = pool
         runtime = Runtime(
             settings=settings,

@@ -37,7 +37,7 @@ def settings(infra: Infra) -> Settings:
 
 @pytest.fixture(scope="session")
 async def session_pool(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(infra.database_url, max_size=10)
+    pool = await create_pool(infra.database_url, max_size=10, application_name="followups-tests")
     yield pool
     await pool.close()
 

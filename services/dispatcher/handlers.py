@@ -12,6 +12,7 @@ from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequ
 from shared.bus import Publisher, dead_letter
 from shared.calendar import next_occurrence, quiet_until, zone_for
 from shared.consumer import Incoming
+from shared.db import persist
 from shared.events import announce
 from shared.faults import crash_point
 from shared.logging import get_logger
@@ -211,8 +212,14 @@ async def _call(
     )
     SENDS.labels(result.outcome.value).inc()
     crash_point("after_webhook")
-    await deps.store.record_call_end(slot.call_id, result.outcome.value, result.http_status)
-    await _settle(row, result, text_note, plan, incoming, deps)
+    call_id = slot.call_id
+
+    async def _record() -> None:
+        await deps.store.record_call_end(call_id, result.outcome.value, result.http_status)
+        await _settle(row, result, text_note, plan, incoming, deps)
+
+    # The call has happened: a lost connection now must not run the whole message again.
+    await persist(_record)
 
 
 async def _settle(

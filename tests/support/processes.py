@@ -14,10 +14,13 @@ READY_LINE = "started successfully"
 
 
 class ServiceProcess:
-    def __init__(self, name: str, env: Mapping[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, env: Mapping[str, str], log_dir: Path, label: str | None = None
+    ) -> None:
         self.name = name
+        self.label = label or name
         self.env = dict(env)
-        self.log_path = log_dir / f"{name}.log"
+        self.log_path = log_dir / f"{self.label}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -77,7 +80,16 @@ class ServiceSet:
         log_dir: Path,
         names: tuple[str, ...] = ("scheduler", "personalizer", "dispatcher"),
     ) -> None:
+        self.env = dict(env)
+        self.log_dir = log_dir
         self.services = {name: ServiceProcess(name, env, log_dir) for name in names}
+
+    def add(self, label: str, name: str, **overrides: str) -> ServiceProcess:
+        """Another replica (or a differently configured process) of service `name`."""
+        process = ServiceProcess(name, {**self.env, **overrides}, self.log_dir, label)
+        self.services[label] = process
+        process.start()
+        return process
 
     def __getitem__(self, name: str) -> ServiceProcess:
         return self.services[name]
