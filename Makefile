@@ -5,12 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install services run test test-unit test-integration test-e2e lint format typecheck check bench chaos clean
+.PHONY: help install services run test test-unit test-integration test-e2e lint format typecheck check docs bench chaos clean
 
 help:
 	@echo "make run        install, migrate, declare the topology, run the three services"
 	@echo "make test       install and run every test tier against local PostgreSQL and RabbitMQ"
 	@echo "make check      lint (ruff), format check, types (mypy) and the tests"
+	@echo "make docs       regenerate docs/asyncapi.json and deploy/rabbitmq/definitions.json"
 	@echo "make bench      benchmarks (not part of make test)"
 
 $(STAMP): requirements.lock pyproject.toml
@@ -54,6 +55,11 @@ typecheck: install
 	$(BIN)/mypy shared services
 
 check: lint typecheck test
+
+# Generated from the code; `make test` fails when they are out of date.
+docs: install
+	$(BIN)/followups docs asyncapi --out docs/asyncapi.json
+	$(BIN)/followups topology export --out deploy/rabbitmq/definitions.json
 
 bench: install services
 	$(BIN)/python -m bench
