@@ -50,6 +50,12 @@ class Incoming:
 Handler = Callable[[Incoming], Awaitable[None]]
 
 
+async def raw_body(message: RabbitMessage) -> bytes:
+    """Subscriber decoder: the body stays bytes for `consume` to validate. FastStream's own JSON
+    decoding would fail on a malformed body before `consume` runs, leaving it unacked."""
+    return message.body
+
+
 async def consume(
     message: RabbitMessage, queue: WorkQueue, handler: Handler, publisher: Publisher
 ) -> None:

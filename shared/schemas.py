@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -10,6 +12,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -26,8 +29,20 @@ MAX_PAST = timedelta(days=365)
 MAX_FUTURE = timedelta(days=3650)
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
-PositiveId = Annotated[int, Field(gt=0, strict=True)]
+PositiveId = Annotated[int, Field(gt=0, le=2**63 - 1, strict=True)]  # a PostgreSQL bigint
 E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$")]
+_RFC3339_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]")
+
+
+def _rfc3339_text(value: object) -> object:
+    # pydantic would also read a number (or a string of digits) as Unix seconds or milliseconds,
+    # guessing the unit; the contract asks for RFC 3339 text, which leaves nothing to guess.
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339_DATE.match(value)):
+        return value
+    raise ValueError("write RFC 3339 text with an offset, such as 2026-12-01T09:00:00-05:00")
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 
 
 class Status(StrEnum):
@@ -56,7 +71,7 @@ def _check_time_window(moment: datetime, now: datetime) -> None:
 class FollowupRequested(_Inbound):
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     contractor_id: PositiveId
-    scheduled_time: AwareDatetime
+    scheduled_time: Timestamp
     followup_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     message_template: Annotated[str, StringConstraints(min_length=1, max_length=1600)]
     message_tone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "friendly"
@@ -98,7 +113,7 @@ class CancelRequested(_ByReference):
 
 
 class RescheduleRequested(_ByReference):
-    scheduled_time: AwareDatetime
+    scheduled_time: Timestamp
 
     @model_validator(mode="after")
     def _window(self) -> Self:
@@ -110,7 +125,7 @@ class ResponseReceived(_Inbound):
     contractor_id: PositiveId | None = None
     phone: E164 | None = None
     text: Annotated[str, StringConstraints(max_length=1600)]
-    received_at: AwareDatetime | None = None
+    received_at: Timestamp | None = None
     followup_id: PositiveId | None = None
 
     @model_validator(mode="after")
@@ -138,6 +153,30 @@ def _first_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _unstorable(data: object) -> str | None:
+    """What PostgreSQL text and jsonb refuse. Found here, the sender is told at once; found at
+    INSERT, the message would be retried until the delivery limit."""
+    pending = [data]
+    while pending:  # a loop, not recursion: the body may be nested as deep as json allows
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                return "a NUL character (\\u0000)"
+            if not value.isascii():
+                try:
+                    value.encode()
+                except UnicodeEncodeError:
+                    return "an unpaired UTF-16 surrogate"
+        elif isinstance(value, float) and not math.isfinite(value):
+            return "NaN or Infinity"
+    return None
+
+
 def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _Inbound:
     """Validate one inbound message; InvalidMessage names the rule that failed."""
     if len(body) > MAX_MESSAGE_BYTES:
@@ -157,6 +196,9 @@ def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _I
         ) from None
     if not isinstance(data, dict):
         raise InvalidMessage("malformed_json", "the body must be a JSON object")
+    problem = _unstorable(data)
+    if problem is not None:
+        raise InvalidMessage("unstorable_value", f"the body holds {problem}; remove it")
     try:
         return schema.model_validate(data)
     except ValidationError as exc:

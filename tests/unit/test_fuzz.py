@@ -4,6 +4,7 @@ template accepted at scheduling time always renders at send time."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -39,8 +40,9 @@ JSON_SCALARS = st.one_of(
     st.booleans(),
     st.integers(),
     st.integers(min_value=2**62, max_value=2**80),
-    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(),
     st.text(max_size=50),
+    st.sampled_from(["\x00", "a\x00b", "\ud800", "x\udfffy"]),  # PostgreSQL refuses these
 )
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
@@ -62,6 +64,27 @@ def _parse(routing_key: str, body: bytes, content_type: str | None) -> None:
         assert outcome.detail
     else:
         assert isinstance(outcome, INBOUND[routing_key])
+        _assert_storable(outcome.model_dump())
+
+
+def _assert_storable(value: Any) -> None:
+    """Whatever the edge accepts, PostgreSQL can store: else it would fail at INSERT, retried."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _assert_storable(key)
+            _assert_storable(item)
+    elif isinstance(value, list):
+        for item in value:
+            _assert_storable(item)
+    elif isinstance(value, str):
+        assert "\x00" not in value
+        value.encode()
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        assert -(2**63) <= value < 2**63
+    elif isinstance(value, float):
+        assert math.isfinite(value)
 
 
 @FUZZ
@@ -150,6 +173,14 @@ def near_valid(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 @given(command=near_valid())
 @example(("followup.requested", {**VALID["followup.requested"], "contractor_id": 2**70}))
 @example(("followup.requested", {**VALID["followup.requested"], "ai_context_hints": [1]}))
+@example(("followup.requested", {**VALID["followup.requested"], "contractor_id": 2**63}))
+@example(("followup.requested", {**VALID["followup.requested"], "message_template": "a\x00"}))
+@example(("followup.requested", {**VALID["followup.requested"], "followup_type": "\ud800"}))
+@example(("followup.requested", {**VALID["followup.requested"], "ai_context_hints": {"\udc00": 1}}))
+@example(("followup.requested", {**VALID["followup.requested"], "ai_context_hints": {"x": 1e400}}))
+@example(("followup.requested", {**VALID["followup.requested"], "scheduled_time": 1_800_000_000}))
+@example(("followup.requested", {**VALID["followup.requested"], "scheduled_time": "1800000000"}))
+@example(("followup.response_received", {"contractor_id": 1, "text": "STOP\x00"}))
 @example(("followup.response_received", {"phone": "+1 415 555 2671", "text": "hi"}))
 def test_near_valid_commands(command: tuple[str, dict[str, Any]]) -> None:
     routing_key, body = command
