@@ -64,6 +64,11 @@ class WebhookReceiver:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["method"] != "POST":
+            # Reachability checks (doctor, probes) are answered but are not SMS calls.
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         body = b""
         while True:
             message = await receive()
