@@ -61,6 +61,9 @@ docs: install
 	$(BIN)/followups docs asyncapi --out docs/asyncapi.json
 	$(BIN)/followups topology export --out deploy/rabbitmq/definitions.json
 
+chaos: install services
+	$(BIN)/pytest -m chaos tests/chaos -s
+
 bench: install services
 	$(BIN)/python -m bench
 
