@@ -1,0 +1,254 @@
+"""Every Kubernetes manifest validates offline against the Kubernetes schemas, overlays included.
+
+The overlays are rendered here by a small kustomize of our own (the features k8s/ uses), because
+kubectl may be missing where the tests run; where it exists, the two renderings must agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+OVERLAYS = ("dev", "prod")
+KUBERNETES_VERSION = "1.33.0"
+# Custom resources of operators; their schemas are not in kubernetes-validate.
+CUSTOM_KINDS = {"RabbitmqCluster": "rabbitmq.com/v1beta1", "PodMonitor": "monitoring.coreos.com/v1"}
+CLUSTER_SCOPED = {"Namespace"}
+SETTINGS_VARIABLES = {name.upper() for name in Settings.model_fields}
+
+Doc = dict[str, Any]
+
+
+def load_all(path: Path) -> list[Doc]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def merge(base: Any, patch: Any) -> Any:
+    """Strategic merge, as far as k8s/ needs it: maps merge, named lists merge by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
+        return merged
+    if isinstance(base, list) and isinstance(patch, list) and _named(base) and _named(patch):
+        merged_list = [copy.deepcopy(item) for item in base]
+        names = [item["name"] for item in merged_list]
+        for item in patch:
+            if item["name"] in names:
+                at = names.index(item["name"])
+                merged_list[at] = merge(merged_list[at], item)
+            else:
+                merged_list.append(copy.deepcopy(item))
+        return merged_list
+    return copy.deepcopy(patch)
+
+
+def _named(items: list[Any]) -> bool:
+    return bool(items) and all(isinstance(i, dict) and "name" in i for i in items)
+
+
+def _containers(doc: Doc) -> list[Doc]:
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def render(directory: Path) -> list[Doc]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs: list[Doc] = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        docs.extend(render(path) if path.is_dir() else load_all(path))
+    for patch_entry in kustomization.get("patches", []):
+        for patch in load_all(directory / patch_entry["path"]):
+            kind = patch_entry.get("target", {}).get("kind")
+            for i, doc in enumerate(docs):
+                matches = (
+                    doc["kind"] == kind
+                    if kind
+                    else (doc["kind"], doc["metadata"]["name"])
+                    == (patch["kind"], patch["metadata"]["name"])
+                )
+                if matches:
+                    targeted = copy.deepcopy(patch)
+                    targeted["metadata"] = doc["metadata"]
+                    docs[i] = merge(doc, targeted)
+    for label in kustomization.get("labels", []):
+        for doc in docs:
+            doc["metadata"].setdefault("labels", {}).update(label["pairs"])
+    if "namespace" in kustomization:
+        for doc in docs:
+            if doc["kind"] not in CLUSTER_SCOPED:
+                doc["metadata"]["namespace"] = kustomization["namespace"]
+    for image in kustomization.get("images", []):
+        for doc in docs:
+            for container in _containers(doc):
+                name, _, tag = container["image"].partition(":")
+                if name == image["name"]:
+                    container["image"] = (
+                        f"{image.get('newName', name)}:{image.get('newTag', tag or 'latest')}"
+                    )
+    for replicas in kustomization.get("replicas", []):
+        for doc in docs:
+            if doc["kind"] == "Deployment" and doc["metadata"]["name"] == replicas["name"]:
+                doc["spec"]["replicas"] = replicas["count"]
+    return docs
+
+
+def _key(doc: Doc) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request) -> tuple[str, list[Doc]]:
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+def ours(docs: list[Doc], kind: str) -> list[Doc]:
+    return [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and d["metadata"]["name"].startswith("followups-")
+        and "postgres" not in d["metadata"]["name"]
+    ]
+
+
+def test_every_manifest_file_parses_and_validates():
+    files = sorted(K8S.rglob("*.yaml"))
+    assert len(files) > 10
+    for path in files:
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in load_all(path):
+            if doc["kind"] in CUSTOM_KINDS:
+                continue
+            if path.parent.name in OVERLAYS and doc["kind"] != "Namespace":
+                continue  # patches are partial by nature; checked once rendered
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_rendered_overlay_validates(overlay):
+    name, docs = overlay
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ServiceAccount", "ConfigMap", "Job", "PodDisruptionBudget"} <= kinds
+    assert {"HorizontalPodAutoscaler", "RabbitmqCluster", "Namespace"} <= kinds
+    for doc in docs:
+        if doc["kind"] in CUSTOM_KINDS:
+            assert doc["apiVersion"] == CUSTOM_KINDS[doc["kind"]]
+            assert doc["spec"]
+            continue
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
+    assert namespaces == {next(d for d in docs if d["kind"] == "Namespace")["metadata"]["name"]}
+    print(f"\n{name}: {len(docs)} resources valid against Kubernetes {KUBERNETES_VERSION}")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_our_rendering_matches_kubectl_kustomize(overlay):
+    name, docs = overlay
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / "overlays" / name)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = {_key(d): d for d in yaml.safe_load_all(result.stdout) if d}
+    assert theirs == {_key(d): d for d in docs}
+
+
+def test_services_are_hardened_and_probed(overlay):
+    _, docs = overlay
+    deployments = ours(docs, "Deployment")
+    assert {d["metadata"]["name"] for d in deployments} == {
+        "followups-scheduler",
+        "followups-personalizer",
+        "followups-dispatcher",
+    }
+    for workload in [*deployments, *ours(docs, "Job")]:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["automountServiceAccountToken"] is False
+        service_accounts = {sa["metadata"]["name"] for sa in ours(docs, "ServiceAccount")}
+        assert pod["serviceAccountName"] in service_accounts
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"]
+            assert set(container["resources"]) == {"requests", "limits"}
+    config = next(d for d in docs if d["metadata"]["name"] == "followups-config")["data"]
+    for deployment in deployments:
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["ports"][0]["containerPort"] == int(config["HTTP_PORT"])
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == config["HTTP_PORT"]
+
+
+def test_disruption_budgets_and_autoscalers(overlay):
+    _, docs = overlay
+    budgets = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    assert budgets >= {d["metadata"]["name"] for d in ours(docs, "Deployment")}
+    scaled = {
+        d["spec"]["scaleTargetRef"]["name"]: d["spec"]
+        for d in ours(docs, "HorizontalPodAutoscaler")
+    }
+    # The send rate limit is global: more dispatchers never send faster.
+    assert set(scaled) == {"followups-scheduler", "followups-personalizer"}
+    replicas = {d["metadata"]["name"]: d["spec"]["replicas"] for d in ours(docs, "Deployment")}
+    for target, spec in scaled.items():
+        assert spec["minReplicas"] <= replicas[target] <= spec["maxReplicas"]
+
+
+def test_prod_runs_quorum_queues_on_three_rabbitmq_nodes():
+    docs = render(K8S / "overlays" / "prod")
+    cluster = next(d for d in docs if d["kind"] == "RabbitmqCluster")
+    assert cluster["spec"]["replicas"] == 3
+    assert "default_queue_type = quorum" in cluster["spec"]["rabbitmq"]["additionalConfig"]
+    config = next(d for d in docs if d["metadata"]["name"] == "followups-config")["data"]
+    assert config["DELAY_QUEUE_TYPE"] == "quorum"
+
+
+def _env_names(docs: list[Doc]) -> set[str]:
+    names: set[str] = set()
+    for doc in docs:
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "followups-config":
+            names |= set(doc["data"])
+        if doc["kind"] == "Secret" and doc["metadata"]["name"] == "followups-secrets":
+            names |= set(doc.get("stringData", {})) | set(doc.get("data", {}))
+        for container in _containers(doc):
+            if "followups" in container.get("image", ""):
+                names |= {env["name"] for env in container.get("env", [])}
+    return names
+
+
+def test_kubernetes_sets_only_variables_the_settings_know(overlay):
+    _, docs = overlay
+    template = load_all(K8S / "base" / "secret.template.yaml")
+    names = _env_names([*docs, *template])
+    assert names
+    assert names <= SETTINGS_VARIABLES, names - SETTINGS_VARIABLES
+    assert {"DATABASE_URL", "RABBITMQ_URL"} <= names
+
+
+def test_secret_template_holds_placeholders_only():
+    (secret,) = load_all(K8S / "base" / "secret.template.yaml")
+    for key, value in secret["stringData"].items():
+        assert "CHANGE-ME" in value or "example" in value, key
