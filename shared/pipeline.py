@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
+from shared.calendar import next_occurrence
 from shared.metrics import TIMERS_ARMED
 from shared.schemas import TimerKind, TimerMessage
-from shared.store import Followup
+from shared.store import Followup, NextOccurrence
 from shared.timers import Timer
 from shared.topology import DISPATCHER_DUE, PERSONALIZER_DUE
 
@@ -28,9 +30,10 @@ async def arm_dispatch(timer: Timer, row: Followup, fire_at: datetime, attempt: 
     await arm(timer, DISPATCHER_DUE.name, message)
 
 
-async def arm_followup(timer: Timer, row: Followup, lead: timedelta) -> None:
+async def arm_followup(timer: Timer, row: Followup, lead: timedelta, margin: timedelta) -> None:
     """Both timers at once: the text is prepared ahead, and the send fires on time even if the
-    personalizer is down (the dispatcher then sends the rendered template)."""
+    personalizer is down (the dispatcher then sends the rendered template). The send timer
+    fires `margin` early: the dispatcher waits for the exact instant itself."""
     personalize = TimerMessage(
         kind=TimerKind.PERSONALIZE,
         followup_id=row.id,
@@ -39,5 +42,19 @@ async def arm_followup(timer: Timer, row: Followup, lead: timedelta) -> None:
     )
     await asyncio.gather(
         arm(timer, PERSONALIZER_DUE.name, personalize),
-        arm_dispatch(timer, row, row.scheduled_time, attempt=1),
+        arm_dispatch(timer, row, row.scheduled_time - margin, attempt=1),
     )
+
+
+def series_plan(
+    row: Followup, zone: ZoneInfo, timer: Timer, lead: timedelta, margin: timedelta, now: datetime
+) -> NextOccurrence | None:
+    """How a recurring follow-up continues once this occurrence ends (sent, skipped, failed)."""
+    if not row.is_recurring or row.recurrence_interval_days is None:
+        return None
+
+    async def _arm(following: Followup) -> None:
+        await arm_followup(timer, following, lead, margin)
+
+    when = next_occurrence(row.scheduled_time, row.recurrence_interval_days, zone, now)
+    return NextOccurrence(scheduled_time=when, arm=_arm)

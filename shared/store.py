@@ -468,9 +468,12 @@ class FollowupStore:
 
     # ---- sending ----------------------------------------------------------------------------
 
-    async def claim(self, followup_id: int, version: int, lease: timedelta) -> Followup | None:
+    async def claim(
+        self, followup_id: int, version: int, lease: timedelta, early: timedelta
+    ) -> Followup | None:
         """Take the occurrence for sending, in one statement: the version must match, the row
-        must be due and still scheduled (a committed cancel wins), or its lease expired."""
+        must be due (within `early`) and still scheduled (a committed cancel wins), or its
+        lease expired."""
         async with self._pool.acquire() as connection, connection.transaction():
             record = await connection.fetchrow(
                 f"""WITH previous AS (
@@ -482,7 +485,7 @@ class FollowupStore:
                         attempts = f.attempts + 1, updated_at = now()
                     FROM previous
                     WHERE f.id = $1 AND f.version = $2
-                      AND f.scheduled_time <= clock_timestamp()
+                      AND f.scheduled_time <= clock_timestamp() + $4::interval
                       AND ((f.status = 'scheduled' AND (f.next_attempt_at IS NULL
                                                         OR f.next_attempt_at <= clock_timestamp()))
                            OR (f.status = 'sending' AND f.lease_until < clock_timestamp()))
@@ -490,6 +493,7 @@ class FollowupStore:
                 followup_id,
                 version,
                 lease,
+                early,
             )
             if record is None:
                 return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Coroutine
 from datetime import timedelta
 from functools import partial
@@ -57,6 +58,8 @@ def create_app(settings: Settings) -> FastStream:
             personalize_lead=timedelta(seconds=settings.personalize_lead_seconds),
             quiet_hours=settings.quiet_window,
             default_zone=settings.default_zone,
+            margin=timedelta(milliseconds=settings.dispatch_margin_ms),
+            calls_in_flight=asyncio.Semaphore(settings.dispatch_concurrency),
         )
         return partial(handle, deps=deps)
 
@@ -76,7 +79,8 @@ def create_app(settings: Settings) -> FastStream:
         settings,
         DISPATCHER_DUE,
         _handler,
-        prefetch=settings.dispatch_concurrency,
+        # Messages waiting for their exact instant hold a place too (for under a second).
+        prefetch=max(64, settings.dispatch_concurrency * 4),
         background=[_sweep],
     )
     app.after_shutdown(gateway.aclose)

@@ -3,14 +3,16 @@ it within the global limit, record the outcome (and the next occurrence of a rec
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequest
 from shared.bus import Publisher, dead_letter
-from shared.calendar import next_occurrence, quiet_until, zone_for
+from shared.calendar import quiet_until, zone_for
 from shared.consumer import Incoming
 from shared.db import persist
 from shared.events import announce
@@ -18,7 +20,7 @@ from shared.faults import crash_point
 from shared.logging import get_logger
 from shared.metrics import MESSAGES, RATE_LIMIT_WAITS, RETRIES, SEND_LATENESS, SENDS
 from shared.phones import InvalidPhone, to_e164
-from shared.pipeline import arm_dispatch, arm_followup
+from shared.pipeline import arm_dispatch, series_plan
 from shared.schemas import Status, TimerKind, TimerMessage, parse_timer
 from shared.settings import QuietHours
 from shared.store import Context, Followup, FollowupStore, NextOccurrence
@@ -49,6 +51,8 @@ class DispatcherDeps:
     personalize_lead: timedelta
     quiet_hours: QuietHours | None
     default_zone: ZoneInfo
+    margin: timedelta
+    calls_in_flight: asyncio.Semaphore
 
 
 def backoff(attempt: int, retry_after: float | None) -> timedelta:
@@ -71,7 +75,7 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
         deps.timer, DISPATCHER_DUE.name, incoming.body, incoming.headers, deps.clock
     ):
         return
-    row = await deps.store.claim(due.followup_id, due.version, deps.lease)
+    row = await deps.store.claim(due.followup_id, due.version, deps.lease, deps.margin)
     if row is None:
         await _not_claimed(due, deps)
         return
@@ -102,17 +106,6 @@ async def _not_claimed(due: TimerMessage, deps: DispatcherDeps) -> None:
     )
 
 
-def _series_plan(row: Followup, zone: ZoneInfo, deps: DispatcherDeps) -> NextOccurrence | None:
-    if not row.is_recurring or row.recurrence_interval_days is None:
-        return None
-    when = next_occurrence(row.scheduled_time, row.recurrence_interval_days, zone, deps.clock())
-
-    async def _arm(following: Followup) -> None:
-        await arm_followup(deps.timer, following, deps.personalize_lead)
-
-    return NextOccurrence(scheduled_time=when, arm=_arm)
-
-
 async def _dispatch(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> None:
     context = await deps.store.context(row)
     if context is None:
@@ -125,7 +118,7 @@ async def _dispatch(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> 
             contractor_id=row.contractor_id,
             default=str(deps.default_zone),
         )
-    plan = _series_plan(row, zone, deps)
+    plan = series_plan(row, zone, deps.timer, deps.personalize_lead, deps.margin, deps.clock())
     if context.contractor.get("sms_opt_out"):
         await _end(row, incoming, deps, Status.SKIPPED, "opted_out", plan=None)
         return
@@ -141,7 +134,7 @@ async def _dispatch(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> 
     except TemplateError as exc:
         await _end(row, incoming, deps, Status.FAILED, f"template: {exc}", plan=plan)
         return
-    window_end = quiet_until(deps.clock(), deps.quiet_hours, zone)
+    window_end = quiet_until(max(deps.clock(), row.scheduled_time), deps.quiet_hours, zone)
     if window_end is not None:
         await arm_dispatch(deps.timer, row, window_end, row.attempts)
         await deps.store.release_for_retry(
@@ -179,6 +172,24 @@ async def _call(
     deps: DispatcherDeps,
 ) -> None:
     bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id, attempt=row.attempts)
+    # Claimed and checked ahead of time; now the exact instant. Never before it.
+    ahead = (row.scheduled_time - deps.clock()).total_seconds()
+    if ahead > 0:
+        await asyncio.sleep(ahead)
+    async with deps.calls_in_flight:
+        await _call_now(row, phone, text, text_note, plan, incoming, deps, bound)
+
+
+async def _call_now(
+    row: Followup,
+    phone: str,
+    text: str,
+    text_note: str | None,
+    plan: NextOccurrence | None,
+    incoming: Incoming,
+    deps: DispatcherDeps,
+    bound: Any,
+) -> None:
     slot = await deps.store.start_call(row, limit_per_minute=deps.rate_limit_per_minute)
     if slot.cancelled:
         MESSAGES.labels("dispatcher", "cancelled_before_call").inc()

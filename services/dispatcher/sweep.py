@@ -40,7 +40,7 @@ async def sweep_once(
         await arm_dispatch(timer, row, clock(), row.attempts + 1)
     unprepared = await store.unprepared(grace, lead)
     for row in unprepared:
-        await arm_followup(timer, row, lead)
+        await arm_followup(timer, row, lead, timedelta(0))
     return SweepReport(len(overdue), len(unprepared))
 
 

@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastStream:
             writer=writer,
             variants=variants,
             personalize_lead=timedelta(seconds=settings.personalize_lead_seconds),
+            dispatch_margin=timedelta(milliseconds=settings.dispatch_margin_ms),
             default_zone=settings.default_zone,
         )
         return partial(handle, deps=deps)

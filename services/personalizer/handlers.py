@@ -12,14 +12,14 @@ from services.personalizer.llm import TextWriter
 from services.personalizer.prompt import PromptInput, build_prompt
 from services.personalizer.variants import VariantPlan
 from shared.bus import Publisher
-from shared.calendar import next_occurrence, zone_for
+from shared.calendar import zone_for
 from shared.consumer import Incoming
 from shared.events import announce
 from shared.logging import get_logger
 from shared.metrics import MESSAGES, TEXT_SOURCE
-from shared.pipeline import arm_followup
+from shared.pipeline import series_plan
 from shared.schemas import Status, TimerKind, parse_timer
-from shared.store import Context, Followup, FollowupStore, NextOccurrence
+from shared.store import Context, Followup, FollowupStore
 from shared.templates import TemplateContext, TemplateError, render
 from shared.timers import Clock, Timer, wait_until_due
 from shared.topology import PERSONALIZER_DUE
@@ -42,6 +42,7 @@ class PersonalizerDeps:
     writer: TextWriter | None  # None: no OPENAI_API_KEY, AI is off
     variants: VariantPlan
     personalize_lead: timedelta
+    dispatch_margin: timedelta
     default_zone: ZoneInfo
 
 
@@ -155,14 +156,9 @@ async def _prepare(
 async def _skip(row: Followup, zone: ZoneInfo, deps: PersonalizerDeps) -> None:
     """The action item is done: no reason to write (or send) this follow-up. The dispatcher checks
     again at send time, for an item completed after this point."""
-    plan = None
-    if row.is_recurring and row.recurrence_interval_days is not None:
-        when = next_occurrence(row.scheduled_time, row.recurrence_interval_days, zone, deps.clock())
-
-        async def _arm(following: Followup) -> None:
-            await arm_followup(deps.timer, following, deps.personalize_lead)
-
-        plan = NextOccurrence(scheduled_time=when, arm=_arm)
+    plan = series_plan(
+        row, zone, deps.timer, deps.personalize_lead, deps.dispatch_margin, deps.clock()
+    )
     reason = "action_item_completed"
     ended, following = await deps.store.finish(
         row, Status.SKIPPED, stage="personalizer", reason=reason, next_occurrence=plan

@@ -21,6 +21,7 @@ def _handler(runtime: Runtime) -> Handler:
         timer=runtime.timer,
         publisher=runtime.publisher,
         personalize_lead=timedelta(seconds=runtime.settings.personalize_lead_seconds),
+        dispatch_margin=timedelta(milliseconds=runtime.settings.dispatch_margin_ms),
         clock=utcnow,
     )
     return partial(handle, deps=deps)

@@ -36,6 +36,7 @@ class SchedulerDeps:
     timer: Timer
     publisher: Publisher
     personalize_lead: timedelta
+    dispatch_margin: timedelta
     clock: Clock
 
 
@@ -50,7 +51,7 @@ def idempotency_key(request: FollowupRequested, incoming: Incoming) -> str:
 
 
 def arm_timers(row: Followup, deps: SchedulerDeps) -> Awaitable[None]:
-    return arm_followup(deps.timer, row, deps.personalize_lead)
+    return arm_followup(deps.timer, row, deps.personalize_lead, deps.dispatch_margin)
 
 
 async def schedule(request: FollowupRequested, incoming: Incoming, deps: SchedulerDeps) -> None:

@@ -61,6 +61,7 @@ def deps(store, levels_timer, publisher, writer) -> PersonalizerDeps:
         writer=writer,
         variants=VariantPlan.parse("standard,question,brief"),
         personalize_lead=timedelta(seconds=60),
+        dispatch_margin=timedelta(milliseconds=250),
         default_zone=ZoneInfo("America/New_York"),
     )
 

@@ -21,6 +21,7 @@ def _deps(store, levels_timer, publisher) -> SchedulerDeps:
         timer=levels_timer,
         publisher=publisher,
         personalize_lead=timedelta(seconds=60),
+        dispatch_margin=timedelta(milliseconds=250),
         clock=utcnow,
     )
 

@@ -45,6 +45,7 @@ class WebhookReceiver:
 
     def __init__(self, responder: Responder | None = None, path: str = "/webhook/sms") -> None:
         self.calls: list[Call] = []
+        self.probes: list[tuple[str, str]] = []
         self.responder: Responder = responder or (lambda call, calls: Reply())
         self.path = path
         self.port = free_port()
@@ -65,7 +66,8 @@ class WebhookReceiver:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["method"] != "POST":
-            # Reachability checks (doctor, probes) are answered but are not SMS calls.
+            # Reachability checks (doctor) and redirected GETs are answered, not SMS calls.
+            self.probes.append((scope["method"], scope["path"]))
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
