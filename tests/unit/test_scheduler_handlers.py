@@ -1,0 +1,113 @@
+"""Scheduler decisions on fakes that subclass the real ports (no broker, no database)."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.scheduler.handlers import SchedulerDeps, handle, idempotency_key, opt_change
+from shared.consumer import Incoming
+from shared.errors import Rejected
+from shared.schemas import FollowupRequested
+from shared.store import FollowupStore, Reference, ResponseOutcome
+from shared.timers import LevelsTimer
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+class FakeStore(FollowupStore):
+    def __init__(self) -> None:
+        self.cancelled: list[tuple[Reference, str]] = []
+        self.responses: list[dict] = []
+
+    async def cancel(self, reference, reason):
+        self.cancelled.append((reference, reason))
+        return []
+
+    async def find(self, reference):
+        return None
+
+    async def record_response(self, **kwargs):
+        self.responses.append(kwargs)
+        return ResponseOutcome(None, None, [], kwargs["opt_out"])
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(
+        self, body, *, exchange, routing_key, headers=None, priority=None, mandatory=True
+    ):
+        self.published.append((routing_key, body))
+
+
+@pytest.fixture
+def deps():
+    publisher = FakePublisher()
+    return SchedulerDeps(
+        store=FakeStore(),
+        timer=LevelsTimer(publisher, lambda: NOW),
+        publisher=publisher,
+        personalize_lead=timedelta(seconds=60),
+        dispatch_margin=timedelta(milliseconds=250),
+        clock=lambda: NOW,
+    )
+
+
+def _request(**extra) -> FollowupRequested:
+    return FollowupRequested.model_validate(
+        {
+            "contractor_id": 1,
+            "scheduled_time": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+            "followup_type": "t",
+            "message_template": "Hi",
+            **extra,
+        }
+    )
+
+
+def test_idempotency_key_prefers_the_callers_key_then_the_message_id_then_the_content():
+    body = b'{"a": 1}'
+    assert (
+        idempotency_key(_request(idempotency_key="k"), Incoming(body, "r", message_id="m"))
+        == "key:k"
+    )
+    assert idempotency_key(_request(), Incoming(body, "r", message_id="m")) == "message-id:m"
+    by_content = idempotency_key(_request(), Incoming(body, "r"))
+    assert by_content.startswith("sha256:")
+    assert by_content == idempotency_key(_request(), Incoming(body, "r", redelivered=True))
+
+
+@pytest.mark.parametrize(
+    ("text", "change"),
+    [
+        ("STOP", True),
+        (" stop ", True),
+        ("Unsubscribe.", True),
+        ("quit!", True),
+        ("START", False),
+        ("unstop", False),
+        ("stop by at 5", None),
+        ("Thanks!", None),
+        ("", None),
+    ],
+)
+def test_only_a_whole_reply_is_an_opt_out_keyword(text, change):
+    assert opt_change(text) is change
+
+
+async def test_cancel_is_routed_with_its_reason(deps):
+    body = json.dumps({"idempotency_key": "abc", "reason": "moved"}).encode()
+    await handle(Incoming(body, "followup.cancel_requested"), deps)
+    assert deps.store.cancelled == [(Reference(None, "abc"), "moved")]
+    assert deps.store.cancelled[0][0].stored_key == "key:abc"
+
+
+async def test_a_response_from_an_unknown_sender_is_rejected(deps):
+    body = json.dumps({"phone": "+14155552671", "text": "STOP"}).encode()
+    with pytest.raises(Rejected) as caught:
+        await handle(Incoming(body, "followup.response_received"), deps)
+    assert caught.value.rule == "unknown_reference"
+    assert deps.store.responses[0]["opt_out"] is True
+    assert "4155552671" not in caught.value.detail
