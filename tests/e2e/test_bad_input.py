@@ -12,12 +12,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.topology import PUBLIC_EXCHANGE, SCHEDULER_INBOX
 from tests.e2e.conftest import request_followup, soon, wait_for_final
 from tests.support.data import add_action_item, add_contractor
+from tests.support.processes import ServiceProcess
 from tests.support.webhook import Reply
 
 MISSING_ID = 900_000_001
@@ -332,6 +335,29 @@ async def test_bad_messages_are_dead_lettered_with_their_rule_and_valid_ones_are
         assert copies[0].body == bad.body
     assert "message returned to the queue" not in logs
     assert logs.count("message rejected to the dead-letter queue") == len(cases)
+    expected: dict[str, float] = {}
+    for bad in cases:
+        expected[bad.rule] = expected.get(bad.rule, 0) + 1
+    assert await rejected_by_rule(services["scheduler"]) == expected
+
+
+async def rejected_by_rule(service: ServiceProcess) -> dict[str, float]:
+    """followups_rejected_total of the scheduler's inbox, by rule, from the service's /metrics."""
+    port = next(
+        json.loads(line)["port"]
+        for line in service.log_text().splitlines()
+        if "http endpoints listening" in line
+    )
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return {
+        sample.labels["rule"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "followups_rejected"
+        for sample in family.samples
+        if sample.name == "followups_rejected_total"
+        and sample.labels["queue"] == SCHEDULER_INBOX.name
+    }
 
 
 async def test_nothing_reaches_the_webhook_for_a_bad_phone_and_redirects_are_not_followed(
