@@ -1,0 +1,2 @@
+"""`make bench`: the system as in production, under load, measured end to end (README:
+Performance)."""

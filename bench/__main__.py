@@ -1,0 +1,144 @@
+"""`python -m bench` (`make bench`): see README, Performance, and `python -m bench --help`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.runner import Selection, run
+from bench.scenarios import SCENARIOS, Plan
+
+DEFAULTS = Plan()
+
+
+def parse(argv: list[str]) -> tuple[Plan, Selection]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=(
+            "Run the three services as in production against the local PostgreSQL and RabbitMQ "
+            "(a database and vhost of their own, dropped at the end), with a loopback webhook "
+            "receiver and an OpenAI-compatible stand-in, and measure each scenario on each timer "
+            "backend. Prints a table and writes bench/results/<timestamp>.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=[*SCENARIOS, "all"],
+        help="scenario to run (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=["levels", "plugin", "all"],
+        help="timer backend (repeatable); default: all (plugin only where the broker has it)",
+    )
+    parser.add_argument("--steady-count", type=int, default=DEFAULTS.steady_count)
+    parser.add_argument(
+        "--steady-seconds",
+        type=float,
+        default=DEFAULTS.steady_seconds,
+        help="the steady follow-ups are spread evenly over this many seconds",
+    )
+    parser.add_argument(
+        "--ai-delay",
+        type=float,
+        default=DEFAULTS.ai_delay,
+        help="seconds the OpenAI stand-in takes to answer (steady and pending)",
+    )
+    parser.add_argument("--burst-count", type=int, default=DEFAULTS.burst_count)
+    parser.add_argument("--ingest-count", type=int, default=DEFAULTS.ingest_count)
+    parser.add_argument(
+        "--pending",
+        type=int,
+        default=int(os.environ.get("BENCH_PENDING", DEFAULTS.pending_count)),
+        help="follow-ups waiting days ahead in the pending scenario (env BENCH_PENDING)",
+    )
+    parser.add_argument(
+        "--pending-method",
+        choices=["direct", "scheduler"],
+        default=DEFAULTS.pending_method,
+        help="direct: set-based INSERTs and the same timers armed with pipelined confirms; "
+        "scheduler: followup.requested through the scheduler (slower)",
+    )
+    parser.add_argument(
+        "--lead",
+        type=float,
+        default=DEFAULTS.lead,
+        help="PERSONALIZE_LEAD_SECONDS for the services",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULTS.settle,
+        help="seconds allowed to store the requests before the first text is prepared",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULTS.timeout,
+        help="give up waiting this many seconds after the last scheduled time",
+    )
+    parser.add_argument(
+        "--window", type=int, default=DEFAULTS.window, help="publishes in flight (pipelined)"
+    )
+    parser.add_argument(
+        "--dispatch-concurrency",
+        type=int,
+        default=20,
+        help="DISPATCH_CONCURRENCY; the dispatcher opens this many database connections plus 2",
+    )
+    parser.add_argument("--queue-type", choices=["quorum", "classic"], default="quorum")
+    parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL for the services")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
+    args = parser.parse_args(argv)
+
+    def chosen(values: list[str] | None, every: list[str]) -> tuple[str, ...]:
+        if not values or "all" in values:
+            return tuple(every)
+        return tuple(dict.fromkeys(values))
+
+    plan = Plan(
+        steady_count=args.steady_count,
+        steady_seconds=args.steady_seconds,
+        ai_delay=args.ai_delay,
+        burst_count=args.burst_count,
+        ingest_count=args.ingest_count,
+        pending_count=args.pending,
+        pending_method=args.pending_method,
+        lead=args.lead,
+        settle=args.settle,
+        timeout=args.timeout,
+        window=args.window,
+    )
+    selection = Selection(
+        scenarios=chosen(args.scenario, list(SCENARIOS)),
+        backends=chosen(args.backend, ["levels", "plugin"]),
+        dispatch_concurrency=args.dispatch_concurrency,
+        queue_type=args.queue_type,
+        log_level=args.log_level,
+        out=args.out,
+    )
+    return plan, selection
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan, selection = parse(sys.argv[1:] if argv is None else argv)
+    # A table this wide is cut on an 80-column default when the output is not a terminal.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    try:
+        asyncio.run(run(plan, selection, console))
+    except KeyboardInterrupt:
+        console.print("interrupted; everything started was stopped and dropped")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Turning what the webhook receiver and the samplers saw into a row of the report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from bench.probes import Sampler
+from bench.progress import Tracker
+from bench.report import Row
+from bench.stats import duplicates, spread
+from tests.support.webhook import WebhookReceiver
+
+
+@dataclass(frozen=True)
+class Delivery:
+    followup_id: int
+    key: str
+    received_at: float  # epoch seconds
+    scheduled_at: float  # epoch seconds
+
+
+def deliveries(receiver: WebhookReceiver) -> list[Delivery]:
+    found = []
+    for call in list(receiver.calls):
+        body = call.json
+        found.append(
+            Delivery(
+                followup_id=int(body["followup_id"]),
+                key=call.headers.get("idempotency-key", ""),
+                received_at=call.received_at,
+                scheduled_at=datetime.fromisoformat(body["scheduled_time"]).timestamp(),
+            )
+        )
+    return found
+
+
+def first_calls(found: list[Delivery]) -> list[Delivery]:
+    first: dict[int, Delivery] = {}
+    for delivery in sorted(found, key=lambda d: d.received_at):
+        first.setdefault(delivery.followup_id, delivery)
+    return list(first.values())
+
+
+def fill_sends(row: Row, found: list[Delivery]) -> list[Delivery]:
+    """Sent, duplicates, early and lateness (webhook receive time − scheduled_time)."""
+    first = first_calls(found)
+    row.sent = len(first)
+    dup = duplicates((d.followup_id, d.key) for d in found)
+    row.duplicate_keys = dup.different_keys
+    row.repeated_calls = dup.repeated_calls
+    row.early = sum(1 for d in found if d.received_at < d.scheduled_at)
+    row.lateness_ms = spread([(d.received_at - d.scheduled_at) * 1000 for d in first])
+    return first
+
+
+def fill_resources(row: Row, sampler: Sampler) -> None:
+    row.rss_peak_mb = {
+        name: round(trace.rss_peak, 1)
+        for name, trace in sampler.traces.items()
+        if trace.rss_peak is not None
+    }
+    row.service_cpu_s = {name: round(trace.cpu, 2) for name, trace in sampler.traces.items()}
+    row.broker_cpu_s = round(sampler.broker.seconds, 2)
+    row.db_cpu_s = round(sampler.database.seconds, 2)
+    row.db_cpu_services_s = round(sampler.database_ours.seconds, 2)
+    if sampler.machine_busy_fraction is not None:
+        row.machine_busy_pct = round(sampler.machine_busy_fraction * 100, 1)
+    row.duration_s = round(sampler.stopped_at - sampler.started_at, 1)
+
+
+async def wait_for_calls(
+    receiver: WebhookReceiver, expected: int, deadline: float, tracker: Tracker
+) -> bool:
+    """Until `expected` calls arrived or the (epoch) deadline passed; True when all came."""
+    while len(receiver.calls) < expected and time.time() < deadline:
+        tracker.update(len(receiver.calls), "webhook calls")
+        await asyncio.sleep(0.1)
+    tracker.update(len(receiver.calls), "webhook calls")
+    return len(receiver.calls) >= expected
+
+
+async def count_rows(pool: asyncpg.Pool, after_id: int) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM contractor_followup_schedules WHERE id > $1", after_id
+    )
+    return count
+
+
+async def max_id(pool: asyncpg.Pool) -> int:
+    value: int = await pool.fetchval(
+        "SELECT coalesce(max(id), 0) FROM contractor_followup_schedules"
+    )
+    return value
+
+
+async def wait_for_rows(
+    pool: asyncpg.Pool,
+    after_id: int,
+    expected: int,
+    deadline: float,
+    tracker: Tracker,
+    interval: float = 0.05,
+) -> float | None:
+    """Polls the table until `expected` rows past `after_id` exist; returns the epoch time the
+    last one was seen, or None if the deadline came first."""
+    while time.time() < deadline:
+        count = await count_rows(pool, after_id)
+        tracker.update(count, "rows")
+        if count >= expected:
+            return time.time()
+        await asyncio.sleep(interval)
+    return None
+
+
+async def text_sources(pool: asyncpg.Pool, after_id: int) -> dict[str, int]:
+    rows = await pool.fetch(
+        """SELECT coalesce(text_source, 'none') || ':' || coalesce(text_fallback_reason, '-') AS k,
+                  count(*) AS n
+           FROM contractor_followup_schedules WHERE id > $1 GROUP BY 1 ORDER BY 1""",
+        after_id,
+    )
+    return {row["k"]: row["n"] for row in rows}
+
+
+async def statuses(pool: asyncpg.Pool, after_id: int) -> dict[str, int]:
+    rows = await pool.fetch(
+        """SELECT status, count(*) AS n FROM contractor_followup_schedules
+           WHERE id > $1 GROUP BY 1 ORDER BY 1""",
+        after_id,
+    )
+    return {row["status"]: row["n"] for row in rows}
+
+
+async def dispatcher_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, float | None]:
+    """The dispatcher's own figure (webhook call start − scheduled_time), to tell the time
+    spent before the call from the time the call itself took."""
+    rows = await pool.fetch(
+        """SELECT lateness_ms FROM contractor_followup_schedules
+           WHERE id > $1 AND lateness_ms IS NOT NULL""",
+        after_id,
+    )
+    found = spread([row["lateness_ms"] for row in rows])
+    return {"p50": found.p50, "p99": found.p99, "max": found.max}

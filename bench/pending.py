@@ -1,0 +1,176 @@
+"""Filling the system with follow-ups days ahead, and what that costs in memory.
+
+`direct` writes the rows with set-based INSERTs (a transition row each, as the scheduler writes)
+and arms their two timers each through the services' own Timer class, publishing with pipelined
+confirms: the same rows and timer messages the scheduler would leave, about ten times faster.
+`scheduler` publishes followup.requested and lets the scheduler store them, as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+import asyncpg
+
+from bench.load import TEMPLATE, PipelinedPublisher, in_windows, publish_requests, request_body
+from bench.measure import count_rows, max_id
+from bench.probes import (
+    backend_rss_mb,
+    broker_reported_mb,
+    broker_rss_mb,
+    database_sizes,
+    queue_figures,
+    rss_mb,
+)
+from bench.progress import Progress
+from bench.stack import Stack
+from shared.pipeline import arm
+from shared.schemas import TimerKind, TimerMessage
+from shared.settings import DelayBackend
+from shared.timers import make_timer
+from shared.topology import DISPATCHER_DUE, PERSONALIZER_DUE, TIMER_LEVEL_PREFIX
+
+BATCH = 20_000
+FIRST_DAY = 2  # pending follow-ups are spread over days 2 to 9 from now
+SPAN_DAYS = 7
+
+_INSERT = """
+WITH made AS (
+    INSERT INTO contractor_followup_schedules (
+        contractor_id, scheduled_time, followup_type, message_template, idempotency_key,
+        requested_by)
+    SELECT ($3::bigint[])[1 + n % cardinality($3::bigint[])],
+           $4::timestamptz + (n::float8 / $5) * $6::interval,
+           'check_in', $7, 'key:pending-' || n, 'bench-pending'
+    FROM generate_series($1::bigint, $2::bigint - 1) AS n
+    RETURNING id, version, scheduled_time
+), logged AS (
+    INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
+    SELECT id, 'scheduler', NULL, 'scheduled',
+           jsonb_build_object('scheduled_time', scheduled_time)
+    FROM made
+)
+SELECT id, version, scheduled_time FROM made
+"""
+
+
+def _timers(row: asyncpg.Record, lead: timedelta) -> list[tuple[str, TimerMessage]]:
+    """The two timers the scheduler arms for a new follow-up."""
+    due = row["scheduled_time"]
+    return [
+        (
+            PERSONALIZER_DUE.name,
+            TimerMessage(
+                kind=TimerKind.PERSONALIZE,
+                followup_id=row["id"],
+                version=row["version"],
+                fire_at=due - lead,
+            ),
+        ),
+        (
+            DISPATCHER_DUE.name,
+            TimerMessage(
+                kind=TimerKind.DISPATCH, followup_id=row["id"], version=row["version"], fire_at=due
+            ),
+        ),
+    ]
+
+
+def _spread_start() -> datetime:
+    return datetime.now(UTC) + timedelta(days=FIRST_DAY)
+
+
+async def load_direct(
+    stack: Stack, count: int, lead: float, window: int, progress: Progress
+) -> dict[str, Any]:
+    publisher = await PipelinedPublisher.connect(stack.rabbitmq_url)
+    timer = make_timer(DelayBackend(stack.options.backend), publisher)
+    lead_delta = timedelta(seconds=lead)
+    start = _spread_start()
+    started = time.monotonic()
+    try:
+        with progress.track("pending: rows and timers (direct)", count) as tracker:
+            for first in range(0, count, BATCH):
+                last = min(first + BATCH, count)
+                rows = await stack.pool.fetch(
+                    _INSERT,
+                    first,
+                    last,
+                    stack.contractor_ids,
+                    start,
+                    float(count),
+                    timedelta(days=SPAN_DAYS),
+                    TEMPLATE,
+                )
+                jobs = [
+                    partial(arm, timer, destination, message)
+                    for row in rows
+                    for destination, message in _timers(row, lead_delta)
+                ]
+                await in_windows(jobs, window * 2)
+                tracker.update(last)
+    finally:
+        await publisher.close()
+    seconds = time.monotonic() - started
+    return {
+        "count": count,
+        "method": "direct",
+        "seconds": round(seconds, 1),
+        "rows_per_second": count / seconds if seconds else None,
+    }
+
+
+async def load_through_scheduler(
+    stack: Stack, count: int, lead: float, window: int, progress: Progress
+) -> dict[str, Any]:
+    base = await max_id(stack.pool)
+    start = _spread_start()
+    step = timedelta(days=SPAN_DAYS) / max(count, 1)
+    ids = stack.contractor_ids
+    publisher = await PipelinedPublisher.connect(stack.rabbitmq_url)
+    started = time.monotonic()
+    try:
+        with progress.track("pending: requests (through the scheduler)", count) as tracker:
+            for first in range(0, count, BATCH):
+                last = min(first + BATCH, count)
+                bodies = [
+                    request_body(f"pending-{n}", ids[n % len(ids)], start + step * n)
+                    for n in range(first, last)
+                ]
+                await publish_requests(publisher, bodies, window)
+                tracker.update(await count_rows(stack.pool, base), "stored")
+            while (stored := await count_rows(stack.pool, base)) < count:
+                tracker.update(stored, "stored")
+                await asyncio.sleep(0.5)
+            tracker.update(count, "stored")
+    finally:
+        await publisher.close()
+    seconds = time.monotonic() - started
+    return {
+        "count": count,
+        "method": "scheduler",
+        "seconds": round(seconds, 1),
+        "rows_per_second": count / seconds if seconds else None,
+    }
+
+
+async def memory_snapshot(stack: Stack) -> dict[str, Any]:
+    queues = queue_figures(stack.vhost)
+    timers = {name: v for name, v in queues.items() if name.startswith(TIMER_LEVEL_PREFIX)}
+    return {
+        "at": datetime.now(UTC).isoformat(),
+        "services_rss_mb": {
+            name: round(rss_mb(pid) or 0.0, 1) for name, pid in stack.service_pids().items()
+        },
+        "broker_rss_mb": round(broker_rss_mb() or 0.0, 1),
+        "broker_reported_mb": broker_reported_mb(),
+        "timer_messages": sum(n for n, _ in timers.values()),
+        "timer_queue_mb": round(sum(m for _, m in timers.values()) / 2**20, 1),
+        "queues_mb": round(sum(m for _, m in queues.values()) / 2**20, 1),
+        "database_mb": {k: round(v, 1) for k, v in (await database_sizes(stack.pool)).items()},
+        "backend_rss_mb": round(await backend_rss_mb(stack.pool), 1),
+    }

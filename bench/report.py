@@ -1,0 +1,129 @@
+"""One row per scenario and backend: printed as a table and written as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.stats import Spread
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Row:
+    scenario: str
+    backend: str
+    available: bool = True
+    expected: int = 0
+    sent: int = 0
+    duplicate_keys: int | None = None
+    repeated_calls: int | None = None
+    early: int | None = None
+    lateness_ms: Spread | None = None
+    throughput: float | None = None
+    throughput_unit: str = ""
+    rss_peak_mb: dict[str, float] = field(default_factory=dict)
+    service_cpu_s: dict[str, float] = field(default_factory=dict)
+    broker_cpu_s: float | None = None
+    db_cpu_s: float | None = None
+    db_cpu_services_s: float | None = None
+    machine_busy_pct: float | None = None
+    duration_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(rows: list[Row]) -> Table:
+    grid = Table(title="followups benchmark", show_lines=False)
+    for name in (
+        "scenario",
+        "backend",
+        "sent/expected",
+        "dup keys",
+        "repeated",
+        "early",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "throughput",
+        "peak RSS MB sch/per/dis",
+        "broker CPU s",
+        "DB CPU s",
+    ):
+        grid.add_column(name, justify="left" if name in ("scenario", "backend") else "right")
+    for row in rows:
+        if not row.available:
+            grid.add_row(row.scenario, row.backend, "not available on this broker", *[""] * 11)
+            continue
+        spread = row.lateness_ms
+        rss = "/".join(
+            _num(row.rss_peak_mb.get(s), 0) for s in ("scheduler", "personalizer", "dispatcher")
+        )
+        grid.add_row(
+            row.scenario,
+            row.backend,
+            f"{row.sent:,}/{row.expected:,}",
+            _num(row.duplicate_keys, 0),
+            _num(row.repeated_calls, 0),
+            _num(row.early, 0),
+            _ms(spread.p50 if spread else None),
+            _ms(spread.p95 if spread else None),
+            _ms(spread.p99 if spread else None),
+            _ms(spread.max if spread else None),
+            f"{_num(row.throughput, 0)} {row.throughput_unit}".strip(),
+            rss,
+            _num(row.broker_cpu_s),
+            _num(row.db_cpu_s),
+        )
+    return grid
+
+
+def print_report(console: Console, rows: list[Row]) -> None:
+    console.print(table(rows))
+    for row in rows:
+        for note in row.notes:
+            console.print(f"  {row.scenario}/{row.backend}: {note}", highlight=False)
+
+
+def _git_commit() -> str | None:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() or None
+
+
+def write_json(rows: list[Row], options: dict[str, Any], path: Path | None = None) -> Path:
+    now = datetime.now(UTC)
+    target = path or RESULTS / f"{now:%Y%m%dT%H%M%SZ}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "started": now.isoformat(),
+        "commit": _git_commit(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "options": options,
+        "rows": [dataclasses.asdict(row) for row in rows],
+    }
+    target.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    return target

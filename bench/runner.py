@@ -1,0 +1,58 @@
+"""Runs the chosen scenarios on the chosen timer backends, one fresh stack each."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.progress import Progress
+from bench.report import RESULTS, Row, print_report, write_json
+from bench.scenarios import NEEDS_AI, SCENARIOS, Plan
+from bench.stack import Stack, StackOptions, plugin_available
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    scenarios: tuple[str, ...]
+    backends: tuple[str, ...]
+    dispatch_concurrency: int
+    queue_type: str
+    log_level: str
+    out: Path | None
+
+
+async def run(plan: Plan, selection: Selection, console: Console) -> list[Row]:
+    progress = Progress(console)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    log_root = RESULTS / f"{stamp}-logs"
+    rows: list[Row] = []
+    has_plugin = await plugin_available() if "plugin" in selection.backends else False
+    for scenario in selection.scenarios:
+        for backend in selection.backends:
+            if backend == "plugin" and not has_plugin:
+                progress.say(f"[{scenario}/plugin] not available on this broker: skipped")
+                rows.append(Row(scenario, backend, available=False))
+                continue
+            options = StackOptions(
+                backend=backend,
+                log_dir=log_root / f"{scenario}-{backend}",
+                ai_delay=plan.ai_delay if scenario in NEEDS_AI else None,
+                lead=plan.lead,
+                dispatch_concurrency=selection.dispatch_concurrency,
+                queue_type=selection.queue_type,
+                log_level=selection.log_level,
+            )
+            progress.say(f"[{scenario}/{backend}] starting the stack")
+            async with Stack(options) as stack:
+                progress.say(f"[{scenario}/{backend}] running (service logs in {options.log_dir})")
+                row = await SCENARIOS[scenario](stack, plan, progress)
+            rows.append(row)
+            progress.say(f"[{scenario}/{backend}] done")
+    print_report(console, rows)
+    settings = {**dataclasses.asdict(plan), **dataclasses.asdict(selection)}
+    path = write_json(rows, settings, selection.out)
+    console.print(f"results written to {path}", highlight=False)
+    return rows
