@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 from faststream.rabbit import Channel, RabbitBroker
@@ -35,6 +36,8 @@ def make_broker(url: str, *, prefetch: int | None = None, logger: Any = None) ->
             prefetch_count=prefetch, publisher_confirms=True, on_return_raises=True
         ),
         logger=logger,
+        # "Received"/"Processed" for every message: debug detail, not the operator's log.
+        log_level=logging.DEBUG,
         graceful_timeout=15.0,
     )
 

@@ -27,3 +27,11 @@ def to_e164(raw: str | None, default_region: str = "US") -> str:
     if parsed.extension:
         raise InvalidPhone("phone number has an extension, which an SMS cannot reach")
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def match_digits(e164: str) -> tuple[str, str]:
+    """The digits a stored number may have, with or without its country code, so that a reply
+    from +12125550199 finds a contractor stored as (212) 555-0199."""
+    parsed = phonenumbers.parse(e164, None)
+    national = phonenumbers.national_significant_number(parsed)
+    return f"{parsed.country_code}{national}", national

@@ -177,9 +177,15 @@ class FollowupStore:
         transaction, so a failed arm leaves no row. A contractor who opted out gets the row
         recorded as skipped, with no timers. Returns (row, created)."""
         async with self._pool.acquire() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
             opted_out = await connection.fetchval(
                 "SELECT sms_opt_out FROM contractors WHERE id = $1 FOR SHARE",
                 request.contractor_id,
+            )
+            cancelled_reason = await connection.fetchval(
+                "SELECT coalesce(reason, 'cancel_requested') FROM cancelled_keys"
+                " WHERE idempotency_key = $1",
+                key,
             )
             record = await connection.fetchrow(
                 f"""INSERT INTO contractor_followup_schedules (
@@ -188,8 +194,9 @@ class FollowupStore:
                         skip_if_completed, is_recurring, recurrence_interval_days,
                         idempotency_key, priority, requested_by, status, status_reason)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                            CASE WHEN $16 THEN 'skipped' ELSE 'scheduled' END,
-                            CASE WHEN $16 THEN 'opted_out' END)
+                            CASE WHEN $17::text IS NOT NULL THEN 'cancelled'
+                                 WHEN $16 THEN 'skipped' ELSE 'scheduled' END,
+                            coalesce($17, CASE WHEN $16 THEN 'opted_out' END))
                     ON CONFLICT (idempotency_key) DO NOTHING
                     RETURNING {_COLUMNS}""",
                 request.contractor_id,
@@ -208,6 +215,7 @@ class FollowupStore:
                 request.priority,
                 request.requested_by,
                 bool(opted_out),
+                cancelled_reason,
             )
             if record is None:
                 existing = await connection.fetchrow(f"{_SELECT} WHERE idempotency_key = $1", key)
@@ -246,8 +254,23 @@ class FollowupStore:
 
     async def cancel(self, reference: Reference, reason: str) -> list[Followup]:
         """Cancel the follow-up, and the pending occurrence of its series when it is recurring.
-        Refused (nothing returned) for a row whose webhook call is already under way."""
+        Refused (nothing returned) for a row whose webhook call is already under way. A key with
+        no row yet is remembered, so a request that arrives after its cancel is never sent."""
         async with self._pool.acquire() as connection, connection.transaction():
+            key = reference.stored_key
+            if key is not None:
+                await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
+                known = await connection.fetchval(
+                    "SELECT 1 FROM contractor_followup_schedules WHERE idempotency_key = $1", key
+                )
+                if known is None:
+                    await connection.execute(
+                        """INSERT INTO cancelled_keys (idempotency_key, reason) VALUES ($1, $2)
+                           ON CONFLICT (idempotency_key) DO NOTHING""",
+                        key,
+                        reason,
+                    )
+                    return []
             records = await connection.fetch(
                 f"""WITH target AS (
                         SELECT id, coalesce(series_id, id) AS series
@@ -327,7 +350,7 @@ class FollowupStore:
         self,
         *,
         contractor_id: int | None,
-        phone: str | None,
+        phone_digits: tuple[str, str] | None,
         followup_id: int | None,
         text: str,
         received_at: datetime,
@@ -336,10 +359,14 @@ class FollowupStore:
         """Store a reply on the contractor's most recent sent follow-up (or the named one); an
         opt-out word also opts the contractor out and cancels everything pending, atomically."""
         async with self._pool.acquire() as connection, connection.transaction():
+            international, national = phone_digits or (None, None)
             contractor = await connection.fetchval(
-                "SELECT id FROM contractors WHERE id = $1 OR phone = $2 ORDER BY id LIMIT 1",
+                """SELECT id FROM contractors
+                   WHERE id = $1 OR regexp_replace(phone, '[^0-9]', '', 'g') IN ($2, $3)
+                   ORDER BY id LIMIT 1""",
                 contractor_id,
-                phone,
+                international,
+                national,
             )
             if contractor is None:
                 return ResponseOutcome(None, None, [], None)
@@ -514,44 +541,17 @@ class FollowupStore:
         """Take a place in the global send window (all dispatcher replicas share it), honour a
         fleet-wide pause after a 429, and record the webhook call; or say when to try again.
         `cancelled` when a cancel committed since the claim: then nothing may be sent."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", RATE_LIMIT_LOCK)
-            paused_until = await connection.fetchval(
-                "SELECT paused_until FROM gateway_pause WHERE paused_until > clock_timestamp()"
-            )
-            if paused_until is not None:
-                return CallSlot(call_id=None, frees_at=paused_until)
-            frees_at = await connection.fetchval(
-                """SELECT called_at + $2::interval FROM webhook_calls
-                   WHERE called_at > clock_timestamp() - $2::interval
-                   ORDER BY called_at DESC OFFSET $1 - 1 LIMIT 1""",
-                limit_per_minute,
-                RATE_WINDOW,
-            )
-            if frees_at is not None:
-                return CallSlot(call_id=None, frees_at=frees_at)
-            still_ours = await connection.fetchval(
-                """UPDATE contractor_followup_schedules
-                   SET calling_since = clock_timestamp(),
-                       webhook_started_at = coalesce(webhook_started_at, clock_timestamp()),
-                       lateness_ms = coalesce(lateness_ms, extract(epoch FROM
-                           clock_timestamp() - scheduled_time) * 1000)
-                   WHERE id = $1 AND status = 'sending' AND version = $2
-                     AND calling_since IS NULL
-                   RETURNING id""",
-                row.id,
-                row.version,
-            )
-            if still_ours is None:
-                return CallSlot(call_id=None, frees_at=None, cancelled=True)
-            call_id: int = await connection.fetchval(
-                """INSERT INTO webhook_calls (followup_id, send_key, attempt)
-                   VALUES ($1, $2, $3) RETURNING id""",
-                row.id,
-                row.send_key,
-                row.attempts,
-            )
-            return CallSlot(call_id=call_id, frees_at=None)
+        record = await self._pool.fetchrow(
+            "SELECT call_id, frees_at, cancelled FROM followups_start_call($1, $2, $3, $4, $5)",
+            row.id,
+            row.version,
+            limit_per_minute,
+            RATE_WINDOW,
+            RATE_LIMIT_LOCK,
+        )
+        return CallSlot(
+            call_id=record["call_id"], frees_at=record["frees_at"], cancelled=record["cancelled"]
+        )
 
     async def record_call_end(self, call_id: int, outcome: str, http_status: int | None) -> None:
         await self._pool.execute(

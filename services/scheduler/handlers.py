@@ -14,6 +14,7 @@ from shared.consumer import Incoming
 from shared.errors import Rejected
 from shared.events import announce
 from shared.logging import get_logger
+from shared.phones import match_digits
 from shared.pipeline import arm_followup
 from shared.schemas import (
     CancelRequested,
@@ -78,6 +79,12 @@ async def schedule(request: FollowupRequested, incoming: Incoming, deps: Schedul
         bound.info("contractor opted out; follow-up skipped")
         await announce(deps.publisher, "followup.skipped", row, deps.clock, reason="opted_out")
         return
+    if row.status is Status.CANCELLED:
+        bound.info("its cancel came first; recorded as cancelled")
+        await announce(
+            deps.publisher, "followup.cancelled", row, deps.clock, reason=row.status_reason
+        )
+        return
     bound.info(
         "follow-up scheduled",
         scheduled_time=row.scheduled_time.isoformat(),
@@ -114,7 +121,7 @@ async def cancel(command: CancelRequested, deps: SchedulerDeps) -> None:
     if not rows:
         current = await deps.store.find(reference)
         log.info(
-            "nothing to cancel",
+            "nothing to cancel now" if current else "cancel kept for a request not yet seen",
             followup_id=command.followup_id,
             status=current.status if current else "missing",
         )
@@ -147,7 +154,7 @@ async def reschedule(command: RescheduleRequested, deps: SchedulerDeps) -> None:
 async def record_response(command: ResponseReceived, deps: SchedulerDeps) -> None:
     outcome = await deps.store.record_response(
         contractor_id=command.contractor_id,
-        phone=command.phone,
+        phone_digits=match_digits(command.phone) if command.phone else None,
         followup_id=command.followup_id,
         text=command.text,
         received_at=command.received_at or deps.clock(),

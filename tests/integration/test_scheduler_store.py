@@ -111,3 +111,47 @@ async def test_action_item_reference_is_accepted(pool, store, levels_timer, publ
         Incoming(body=body, routing_key="followup.requested"), _deps(store, levels_timer, publisher)
     )
     assert await _count(pool) == 1
+
+
+async def test_a_cancel_that_overtakes_its_request_still_wins(pool, store, levels_timer, publisher):
+    contractor = await add_contractor(pool)
+    deps = _deps(store, levels_timer, publisher)
+    cancel = json.dumps({"idempotency_key": "early-bird", "reason": "changed plans"}).encode()
+    await handle(Incoming(body=cancel, routing_key="followup.cancel_requested"), deps)
+    request = _request(contractor, idempotency_key="early-bird")
+    await handle(Incoming(body=request, routing_key="followup.requested"), deps)
+    row = await pool.fetchrow("SELECT status, status_reason FROM contractor_followup_schedules")
+    assert (row["status"], row["status_reason"]) == ("cancelled", "changed plans")
+
+
+async def test_cancel_and_request_racing_on_one_key_never_leave_it_scheduled(
+    pool, store, levels_timer, publisher
+):
+    contractor = await add_contractor(pool)
+    deps = _deps(store, levels_timer, publisher)
+    for i in range(20):
+        key = f"race-{i}"
+        cancel = json.dumps({"idempotency_key": key}).encode()
+        request = _request(contractor, idempotency_key=key)
+        await asyncio.gather(
+            handle(Incoming(body=request, routing_key="followup.requested"), deps),
+            handle(Incoming(body=cancel, routing_key="followup.cancel_requested"), deps),
+        )
+    statuses = await pool.fetch("SELECT status FROM contractor_followup_schedules")
+    assert len(statuses) == 20
+    assert {r["status"] for r in statuses} == {"cancelled"}
+
+
+@pytest.mark.parametrize(
+    "stored", ["(415) 555-2671", "415.555.2671", "+1 415 555 2671", "14155552671"]
+)
+async def test_a_reply_by_phone_finds_the_contractor_however_the_number_is_stored(
+    pool, store, levels_timer, publisher, stored
+):
+    contractor = await add_contractor(pool, phone=stored)
+    reply = json.dumps({"phone": "+14155552671", "text": "STOP"}).encode()
+    await handle(
+        Incoming(body=reply, routing_key="followup.response_received"),
+        _deps(store, levels_timer, publisher),
+    )
+    assert await pool.fetchval("SELECT sms_opt_out FROM contractors WHERE id = $1", contractor)
