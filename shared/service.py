@@ -72,7 +72,7 @@ def create_service_app(
         )
         pool = await create_pool(
             settings.database_url,
-            max_size=max(4, prefetch + 2),
+            max_size=settings.db_pool_size,
             application_name=f"followups-{name}",
         )
         readiness.pool = pool

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
     database_url: str = "postgresql://127.0.0.1:5432/followups"
+    # Connections per service process; queries are short, so a few serve many messages.
+    db_pool_size: Annotated[int, Field(ge=2, le=100)] = 10
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     delay_backend: DelayBackend = DelayBackend.AUTO
     delay_queue_type: Annotated[str, Field(pattern="^(quorum|classic)$")] = "quorum"

@@ -38,12 +38,23 @@ def service_env(settings: Settings, receiver: WebhookReceiver, **overrides: str)
         "DISPATCH_CONCURRENCY": "20",
         "PERSONALIZE_LEAD_SECONDS": "1",
         "LOG_FORMAT": "json",
-        "LOG_LEVEL": "INFO",
+        # Every e2e test runs at DEBUG and its logs are scanned for personal data at the end.
+        "LOG_LEVEL": "DEBUG",
         # A free port each: test runs side by side must not fight over the default ports.
         "HTTP_PORT": "0",
     }
     env.update(overrides)
     return env
+
+
+# The test contractors' phone (every spelling) and the texts the e2e tests send.
+PERSONAL_VALUES = (
+    "4155552671",
+    "415-555-2671",
+    "(415) 555",
+    "a quick check-in from",
+    "Hi Sam, a quick",
+)
 
 
 @pytest.fixture
@@ -59,6 +70,9 @@ def start_services(settings, receiver, tmp_path: Path) -> Iterator[Callable[...,
     yield _start
     for services in started:
         services.stop()
+    logs = "".join(services.logs() for services in started)
+    leaked = [value for value in PERSONAL_VALUES if value in logs]
+    assert not leaked, f"personal data in the service logs: {leaked}"
 
 
 @pytest.fixture
