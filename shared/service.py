@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import aiormq.exceptions
 import asyncpg
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, QueueType, RabbitQueue
@@ -15,13 +16,42 @@ from faststream.rabbit.annotations import RabbitMessage
 
 from shared.bus import BrokerPublisher, make_broker
 from shared.consumer import Handler, consume, raw_body
-from shared.db import create_pool
+from shared.db import CONNECTION_ERRORS, create_pool
 from shared.health import Readiness, ServiceApp, metrics_middleware
 from shared.logging import configure_logging, get_logger
 from shared.settings import Settings
 from shared.store import FollowupStore
 from shared.timers import Timer, make_timer, resolve_backend
 from shared.topology import WorkQueue, declare_topology
+
+T = TypeVar("T")
+
+
+# How long a starting service waits for the broker and the database before it gives up.
+STARTUP_PATIENCE_SECONDS = 60.0
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    aiormq.exceptions.AMQPConnectionError,
+)
+
+
+async def when_reachable(what: str, log: Any, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Start-up that rides out a broker or database that is still coming up (compose, k8s)."""
+    deadline = asyncio.get_running_loop().time() + STARTUP_PATIENCE_SECONDS
+    pause = 0.5
+    while True:
+        try:
+            return await attempt()
+        except _UNREACHABLE as exc:
+            if asyncio.get_running_loop().time() + pause > deadline:
+                raise
+            log.warning(
+                f"{what} not reachable yet; waiting",
+                error=exc.__class__.__name__,
+                retry_in_seconds=pause,
+            )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 @dataclass(frozen=True)
@@ -66,14 +96,24 @@ def create_service_app(
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
-        backend = await resolve_backend(settings.rabbitmq_url, settings.delay_backend)
-        await declare_topology(
-            settings.rabbitmq_url, backend=backend, queue_type=settings.delay_queue_type
+        backend = await when_reachable(
+            "broker", log, lambda: resolve_backend(settings.rabbitmq_url, settings.delay_backend)
         )
-        pool = await create_pool(
-            settings.database_url,
-            max_size=settings.db_pool_size,
-            application_name=f"followups-{name}",
+        await when_reachable(
+            "broker",
+            log,
+            lambda: declare_topology(
+                settings.rabbitmq_url, backend=backend, queue_type=settings.delay_queue_type
+            ),
+        )
+        pool = await when_reachable(
+            "database",
+            log,
+            lambda: create_pool(
+                settings.database_url,
+                max_size=settings.db_pool_size,
+                application_name=f"followups-{name}",
+            ),
         )
         readiness.pool = pool
         runtime = Runtime(
