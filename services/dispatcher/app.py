@@ -14,7 +14,7 @@ from standardwebhooks import Webhook
 
 from services.dispatcher.gateway import ConsoleSink, Gateway, WebhookGateway
 from services.dispatcher.handlers import DispatcherDeps, handle
-from services.dispatcher.sweep import sweep_forever
+from services.dispatcher.sweep import Sweeper
 from shared.consumer import Handler
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
@@ -64,15 +64,16 @@ def create_app(settings: Settings) -> FastStream:
         return partial(handle, deps=deps)
 
     def _sweep(runtime: Runtime) -> Coroutine[Any, Any, None]:
-        return sweep_forever(
-            settings.database_url,
-            runtime.store,
-            runtime.timer,
-            utcnow,
+        sweeper = Sweeper(
+            dsn=settings.database_url,
+            store=runtime.store,
+            timer=runtime.timer,
+            clock=utcnow,
             interval=timedelta(seconds=settings.sweep_interval_seconds),
             grace=timedelta(seconds=settings.sweep_grace_seconds),
             lead=timedelta(seconds=settings.personalize_lead_seconds),
         )
+        return sweeper.run_forever()
 
     app = create_service_app(
         "dispatcher",

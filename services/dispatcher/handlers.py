@@ -7,7 +7,6 @@ import asyncio
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequest
@@ -152,7 +151,7 @@ async def _dispatch(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> 
             until=window_end.isoformat(),
         )
         return
-    await _call(row, phone, text, text_note, plan, incoming, deps)
+    await _call(PreparedSend(row, phone, text, text_note, plan, incoming), deps)
 
 
 def _text(row: Followup, context: Context) -> tuple[str, str | None]:
@@ -162,34 +161,30 @@ def _text(row: Followup, context: Context) -> tuple[str, str | None]:
     return render(row.message_template, template_context), "not_ready"
 
 
-async def _call(
-    row: Followup,
-    phone: str,
-    text: str,
-    text_note: str | None,
-    plan: NextOccurrence | None,
-    incoming: Incoming,
-    deps: DispatcherDeps,
-) -> None:
-    bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id, attempt=row.attempts)
+@dataclass(frozen=True)
+class PreparedSend:
+    """A claimed occurrence that passed every check, with its recipient and text."""
+
+    row: Followup
+    phone: str
+    text: str
+    text_note: str | None  # set when the template went out because the text was not ready
+    plan: NextOccurrence | None
+    incoming: Incoming
+
+
+async def _call(send: PreparedSend, deps: DispatcherDeps) -> None:
     # Claimed and checked ahead of time; now the exact instant. Never before it.
-    ahead = (row.scheduled_time - deps.clock()).total_seconds()
+    ahead = (send.row.scheduled_time - deps.clock()).total_seconds()
     if ahead > 0:
         await asyncio.sleep(ahead)
     async with deps.calls_in_flight:
-        await _call_now(row, phone, text, text_note, plan, incoming, deps, bound)
+        await _call_now(send, deps)
 
 
-async def _call_now(
-    row: Followup,
-    phone: str,
-    text: str,
-    text_note: str | None,
-    plan: NextOccurrence | None,
-    incoming: Incoming,
-    deps: DispatcherDeps,
-    bound: Any,
-) -> None:
+async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> None:
+    row = send.row
+    bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id, attempt=row.attempts)
     slot = await deps.store.start_call(row, limit_per_minute=deps.rate_limit_per_minute)
     if slot.cancelled:
         MESSAGES.labels("dispatcher", "cancelled_before_call").inc()
@@ -210,8 +205,8 @@ async def _call_now(
     SEND_LATENESS.observe(max(0.0, (deps.clock() - row.scheduled_time).total_seconds()))
     result = await deps.gateway.send(
         SmsRequest(
-            phone=phone,
-            message=text,
+            phone=send.phone,
+            message=send.text,
             contractor_id=row.contractor_id,
             followup_id=row.id,
             followup_type=row.followup_type,
@@ -227,20 +222,14 @@ async def _call_now(
 
     async def _record() -> None:
         await deps.store.record_call_end(call_id, result.outcome.value, result.http_status)
-        await _settle(row, result, text_note, plan, incoming, deps)
+        await _settle(send, result, deps)
 
     # The call has happened: a lost connection now must not run the whole message again.
     await persist(_record)
 
 
-async def _settle(
-    row: Followup,
-    result: GatewayResult,
-    text_note: str | None,
-    plan: NextOccurrence | None,
-    incoming: Incoming,
-    deps: DispatcherDeps,
-) -> None:
+async def _settle(send: PreparedSend, result: GatewayResult, deps: DispatcherDeps) -> None:
+    row = send.row
     bound = log.bind(
         followup_id=row.id,
         contractor_id=row.contractor_id,
@@ -253,8 +242,8 @@ async def _settle(
             row,
             sent_by=deps.gateway.sent_by,
             note=None if real else "console sink: not delivered to a gateway",
-            text_fallback_reason=text_note,
-            next_occurrence=plan,
+            text_fallback_reason=send.text_note,
+            next_occurrence=send.plan,
         )
         if sent is None:
             bound.warning("sent, but the row had left 'sending' meanwhile")
@@ -296,7 +285,7 @@ async def _settle(
         reason = f"gave up after {row.attempts} attempts: {result.reason}"
     else:
         reason = result.reason
-    await _end(row, incoming, deps, Status.FAILED, reason, plan=plan)
+    await _end(row, send.incoming, deps, Status.FAILED, reason, plan=send.plan)
 
 
 async def _announce_next(following: Followup | None, deps: DispatcherDeps) -> None:

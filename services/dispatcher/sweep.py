@@ -44,52 +44,47 @@ async def sweep_once(
     return SweepReport(len(overdue), len(unprepared))
 
 
-async def sweep_forever(
-    dsn: str,
-    store: FollowupStore,
-    timer: Timer,
-    clock: Clock,
-    *,
-    interval: timedelta,
-    grace: timedelta,
-    lead: timedelta,
-) -> None:
-    while True:
-        try:
-            connection = await asyncpg.connect(dsn)
-        except CONNECTION_ERRORS as exc:
-            log.warning("sweep cannot reach the database", error=exc.__class__.__name__)
-            await asyncio.sleep(interval.total_seconds())
-            continue
-        try:
-            await _lead_while_locked(connection, store, timer, clock, interval, grace, lead)
-        except CONNECTION_ERRORS as exc:
-            log.warning("sweep lost its database connection", error=exc.__class__.__name__)
-        finally:
-            if not connection.is_closed():
-                await connection.close()
-        await asyncio.sleep(interval.total_seconds())
+@dataclass(frozen=True)
+class Sweeper:
+    dsn: str
+    store: FollowupStore
+    timer: Timer
+    clock: Clock
+    interval: timedelta
+    grace: timedelta
+    lead: timedelta
 
+    async def run_forever(self) -> None:
+        """Try to become the fleet's sweeper; sweep while holding the lock; start over when the
+        database connection is lost."""
+        while True:
+            try:
+                connection = await asyncpg.connect(self.dsn)
+            except CONNECTION_ERRORS as exc:
+                log.warning("sweep cannot reach the database", error=exc.__class__.__name__)
+            else:
+                try:
+                    await self._lead_while_locked(connection)
+                except CONNECTION_ERRORS as exc:
+                    log.warning("sweep lost its database connection", error=exc.__class__.__name__)
+                finally:
+                    if not connection.is_closed():
+                        await connection.close()
+            await asyncio.sleep(self.interval.total_seconds())
 
-async def _lead_while_locked(
-    connection: asyncpg.Connection,
-    store: FollowupStore,
-    timer: Timer,
-    clock: Clock,
-    interval: timedelta,
-    grace: timedelta,
-    lead: timedelta,
-) -> None:
-    while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK):  # noqa: ASYNC110 (polls another process's lock)
-        await asyncio.sleep(interval.total_seconds())
-    log.info("this dispatcher runs the repair sweep", interval_seconds=interval.total_seconds())
-    while True:
-        report = await sweep_once(store, timer, clock, grace, lead)
-        if report.dispatch_rearmed or report.personalize_rearmed:
-            log.warning(
-                "repair sweep re-armed lost timers",
-                dispatch=report.dispatch_rearmed,
-                personalize=report.personalize_rearmed,
-            )
-        await asyncio.sleep(interval.total_seconds())
-        await connection.execute("SELECT 1")  # the lock lives as long as this connection
+    async def _lead_while_locked(self, connection: asyncpg.Connection) -> None:
+        pause = self.interval.total_seconds()
+        # Polls a lock another process holds: no event to wait on.
+        while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK):  # noqa: ASYNC110
+            await asyncio.sleep(pause)
+        log.info("this dispatcher runs the repair sweep", interval_seconds=pause)
+        while True:
+            report = await sweep_once(self.store, self.timer, self.clock, self.grace, self.lead)
+            if report.dispatch_rearmed or report.personalize_rearmed:
+                log.warning(
+                    "repair sweep re-armed lost timers",
+                    dispatch=report.dispatch_rearmed,
+                    personalize=report.personalize_rearmed,
+                )
+            await asyncio.sleep(pause)
+            await connection.execute("SELECT 1")  # the lock lives as long as this connection

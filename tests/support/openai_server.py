@@ -11,9 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
-
-from tests.support.webhook import free_port
+from tests.support.loopback import LoopbackServer, Request
 
 API_KEY = "sk-test-loopback"
 
@@ -93,82 +91,36 @@ def in_turn(*replies: Reply) -> Responder:
     return lambda request, previous: replies[min(len(previous), len(replies) - 1)]
 
 
-class OpenAIServer:
-    """ASGI app served by uvicorn at /v1/chat/completions; `responder` decides each reply."""
+class OpenAIServer(LoopbackServer):
+    """Serves /v1/chat/completions; `responder` decides each reply."""
 
     def __init__(self, responder: Responder | None = None) -> None:
+        super().__init__()
         self.requests: list[ChatRequest] = []
         self.answered: list[ChatRequest] = []
         self.responder: Responder = responder or always(Reply.text("Hi there!"))
-        self.port = free_port()
-        self._stopping = asyncio.Event()
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        if scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
+    async def handle(self, request: Request, send: Any) -> None:
+        if request.path != "/v1/chat/completions" or request.method != "POST":
             await self._send(send, Reply.error(404))
             return
-        request = ChatRequest(
-            received_at=time.time(),
-            headers={k.decode().lower(): v.decode() for k, v in scope["headers"]},
-            body=json.loads(raw),
+        chat = ChatRequest(
+            received_at=time.time(), headers=request.headers, body=json.loads(request.body)
         )
         previous = list(self.requests)
-        self.requests.append(request)
-        reply = self.responder(request, previous)
+        self.requests.append(chat)
+        reply = self.responder(chat, previous)
         if reply.delay:
             # Ends early when the server stops, so a slow reply never holds up the test's end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), reply.delay)
-        self.answered.append(request)
+                await asyncio.wait_for(self.stopping.wait(), reply.delay)
+        self.answered.append(chat)
         await self._send(send, reply)
 
     async def _send(self, send: Any, reply: Reply) -> None:
         headers = {"content-type": "application/json", **reply.headers}
-        await send(
-            {
-                "type": "http.response.start",
-                "status": reply.status,
-                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-            }
-        )
-        await send({"type": "http.response.body", "body": json.dumps(reply.body or {}).encode()})
-
-    async def start(self) -> None:
-        config = uvicorn.Config(
-            self,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            lifespan="on",
-            access_log=False,
-        )
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
+        await self.respond(send, reply.status, headers, json.dumps(reply.body or {}).encode())
