@@ -100,6 +100,19 @@ class CallSlot:
     cancelled: bool = False
 
 
+CONTRACTOR_COLUMNS = (
+    "id",
+    "first_name",
+    "last_name",
+    "company_name",
+    "phone",
+    "timezone",
+    "sms_opt_out",
+)
+ACTION_ITEM_COLUMNS = ("id", "contractor_id", "title", "description", "due_date", "status")
+EVENT_COLUMNS = ("id", "name", "event_date", "location")
+
+
 @dataclass(frozen=True)
 class Reference:
     """How a command names a follow-up: by id, or by the caller's idempotency key."""
@@ -157,6 +170,11 @@ async def _transition(
 
 
 _PENDING = "('scheduled', 'sending')"
+_CONTEXT_COLUMNS = ", ".join(
+    [f"c.{n} AS c_{n}" for n in CONTRACTOR_COLUMNS]
+    + [f"a.{n} AS a_{n}" for n in ACTION_ITEM_COLUMNS]
+    + [f"e.{n} AS e_{n}" for n in EVENT_COLUMNS]
+)
 _SELECT = f"SELECT {_COLUMNS} FROM contractor_followup_schedules"
 
 
@@ -175,30 +193,38 @@ class FollowupStore:
     ) -> tuple[Followup, bool]:
         """Insert once per idempotency key; `before_commit` (arming timers) runs inside the
         transaction, so a failed arm leaves no row. A contractor who opted out gets the row
-        recorded as skipped, with no timers. Returns (row, created)."""
+        recorded as skipped, a key cancelled before its request arrived as cancelled; neither
+        gets timers. Returns (row, created)."""
         async with self._pool.acquire() as connection, connection.transaction():
+            # Serialises with a cancel of the same key, so one of the two sees the other.
             await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
-            opted_out = await connection.fetchval(
-                "SELECT sms_opt_out FROM contractors WHERE id = $1 FOR SHARE",
-                request.contractor_id,
-            )
-            cancelled_reason = await connection.fetchval(
-                "SELECT coalesce(reason, 'cancel_requested') FROM cancelled_keys"
-                " WHERE idempotency_key = $1",
-                key,
-            )
             record = await connection.fetchrow(
-                f"""INSERT INTO contractor_followup_schedules (
-                        contractor_id, action_item_id, event_id, scheduled_time, followup_type,
-                        message_template, message_tone, ai_should_personalize, ai_context_hints,
-                        skip_if_completed, is_recurring, recurrence_interval_days,
-                        idempotency_key, priority, requested_by, status, status_reason)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                            CASE WHEN $17::text IS NOT NULL THEN 'cancelled'
-                                 WHEN $16 THEN 'skipped' ELSE 'scheduled' END,
-                            coalesce($17, CASE WHEN $16 THEN 'opted_out' END))
-                    ON CONFLICT (idempotency_key) DO NOTHING
-                    RETURNING {_COLUMNS}""",
+                f"""WITH flags AS (
+                        SELECT (SELECT sms_opt_out FROM contractors WHERE id = $1) AS opted_out,
+                               (SELECT coalesce(reason, 'cancel_requested') FROM cancelled_keys
+                                WHERE idempotency_key = $13) AS cancelled),
+                    inserted AS (
+                        INSERT INTO contractor_followup_schedules (
+                            contractor_id, action_item_id, event_id, scheduled_time,
+                            followup_type, message_template, message_tone,
+                            ai_should_personalize, ai_context_hints, skip_if_completed,
+                            is_recurring, recurrence_interval_days, idempotency_key, priority,
+                            requested_by, status, status_reason)
+                        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                               CASE WHEN cancelled IS NOT NULL THEN 'cancelled'
+                                    WHEN opted_out THEN 'skipped' ELSE 'scheduled' END,
+                               coalesce(cancelled, CASE WHEN opted_out THEN 'opted_out' END)
+                        FROM flags
+                        ON CONFLICT (idempotency_key) DO NOTHING
+                        RETURNING {_COLUMNS}),
+                    logged AS (
+                        INSERT INTO followup_transitions
+                            (followup_id, stage, from_status, to_status, detail)
+                        SELECT id, 'scheduler', NULL, status,
+                               jsonb_build_object('scheduled_time', scheduled_time,
+                                                  'reason', status_reason)
+                        FROM inserted)
+                    SELECT * FROM inserted""",
                 request.contractor_id,
                 request.action_item_id,
                 request.event_id,
@@ -214,28 +240,17 @@ class FollowupStore:
                 key,
                 request.priority,
                 request.requested_by,
-                bool(opted_out),
-                cancelled_reason,
             )
             if record is None:
                 existing = await connection.fetchrow(f"{_SELECT} WHERE idempotency_key = $1", key)
                 return Followup.from_record(existing), False
-            row = Followup.from_record(record)
-            if row.is_recurring:
+            if record["is_recurring"]:
                 record = await connection.fetchrow(
                     f"""UPDATE contractor_followup_schedules SET series_id = id WHERE id = $1
                         RETURNING {_COLUMNS}""",
-                    row.id,
+                    record["id"],
                 )
-                row = Followup.from_record(record)
-            await _transition(
-                connection,
-                row.id,
-                "scheduler",
-                None,
-                row.status,
-                {"scheduled_time": row.scheduled_time.isoformat(), "reason": row.status_reason},
-            )
+            row = Followup.from_record(record)
             if row.status is Status.SCHEDULED:
                 await before_commit(row)
             return row, True
@@ -430,8 +445,7 @@ class FollowupStore:
         """The contractor, action item and event of a follow-up; None if the contractor is gone."""
         async with self._pool.acquire() as connection:
             contractor = await connection.fetchrow(
-                "SELECT id, first_name, last_name, company_name, phone, timezone, sms_opt_out"
-                " FROM contractors WHERE id = $1",
+                f"SELECT {', '.join(CONTRACTOR_COLUMNS)} FROM contractors WHERE id = $1",
                 row.contractor_id,
             )
             if contractor is None:
@@ -439,13 +453,13 @@ class FollowupStore:
             action_item = event = None
             if row.action_item_id is not None:
                 action_item = await connection.fetchrow(
-                    "SELECT id, contractor_id, title, description, due_date, status"
+                    f"SELECT {', '.join(ACTION_ITEM_COLUMNS)}"
                     " FROM contractor_action_items WHERE id = $1",
                     row.action_item_id,
                 )
             if row.event_id is not None:
                 event = await connection.fetchrow(
-                    "SELECT id, name, event_date, location FROM events WHERE id = $1",
+                    f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE id = $1",
                     row.event_id,
                 )
         return Context(
@@ -497,15 +511,15 @@ class FollowupStore:
 
     async def claim(
         self, followup_id: int, version: int, lease: timedelta, early: timedelta
-    ) -> Followup | None:
+    ) -> tuple[Followup, Context | None] | None:
         """Take the occurrence for sending, in one statement: the version must match, the row
         must be due (within `early`) and still scheduled (a committed cancel wins), or its
-        lease expired."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            record = await connection.fetchrow(
-                f"""WITH previous AS (
-                        SELECT status FROM contractor_followup_schedules
-                        WHERE id = $1 FOR UPDATE)
+        lease expired. The same round trip records the transition and reads the contractor,
+        action item and event the send needs."""
+        record = await self._pool.fetchrow(
+            f"""WITH previous AS (
+                    SELECT status FROM contractor_followup_schedules WHERE id = $1),
+                claimed AS (
                     UPDATE contractor_followup_schedules AS f
                     SET status = 'sending', claimed_at = clock_timestamp(),
                         lease_until = clock_timestamp() + $3::interval, calling_since = NULL,
@@ -516,26 +530,39 @@ class FollowupStore:
                       AND ((f.status = 'scheduled' AND (f.next_attempt_at IS NULL
                                                         OR f.next_attempt_at <= clock_timestamp()))
                            OR (f.status = 'sending' AND f.lease_until < clock_timestamp()))
-                    RETURNING previous.status AS previous_status, {_prefixed("f")}""",
-                followup_id,
-                version,
-                lease,
-                early,
+                    RETURNING previous.status AS previous_status, {_prefixed("f")}),
+                logged AS (
+                    INSERT INTO followup_transitions
+                        (followup_id, stage, from_status, to_status, detail)
+                    SELECT id, 'dispatcher', previous_status, 'sending',
+                           jsonb_build_object('attempt', attempts,
+                                              'takeover', previous_status = 'sending')
+                    FROM claimed)
+                SELECT claimed.*, {_CONTEXT_COLUMNS}
+                FROM claimed
+                LEFT JOIN contractors AS c ON c.id = claimed.contractor_id
+                LEFT JOIN contractor_action_items AS a ON a.id = claimed.action_item_id
+                LEFT JOIN events AS e ON e.id = claimed.event_id""",
+            followup_id,
+            version,
+            lease,
+            early,
+        )
+        if record is None:
+            return None
+        data = dict(record)
+        data.pop("previous_status")
+        parts: dict[str, dict[str, Any]] = {"c": {}, "a": {}, "e": {}}
+        for name in [k for k in data if k[:2] in ("c_", "a_", "e_")]:
+            parts[name[0]][name[2:]] = data.pop(name)
+        context = None
+        if parts["c"]["id"] is not None:
+            context = Context(
+                parts["c"],
+                parts["a"] if parts["a"]["id"] is not None else None,
+                parts["e"] if parts["e"]["id"] is not None else None,
             )
-            if record is None:
-                return None
-            data = dict(record)
-            previous = data.pop("previous_status")
-            row = Followup.from_record(data)
-            await _transition(
-                connection,
-                row.id,
-                "dispatcher",
-                previous,
-                Status.SENDING,
-                {"attempt": row.attempts, "takeover": previous == Status.SENDING},
-            )
-            return row
+        return Followup.from_record(data), context
 
     async def start_call(self, row: Followup, *, limit_per_minute: int) -> CallSlot:
         """Take a place in the global send window (all dispatcher replicas share it), honour a
@@ -576,41 +603,51 @@ class FollowupStore:
         self,
         row: Followup,
         *,
+        call_id: int,
+        http_status: int | None,
         sent_by: str,
         note: str | None,
         text_fallback_reason: str | None,
         next_occurrence: NextOccurrence | None,
     ) -> tuple[Followup | None, Followup | None]:
-        """Sent, and in the same transaction the next occurrence of a recurring follow-up.
-        Returns (the sent row, the next occurrence); (None, None) if the row left 'sending'."""
+        """Sent: the call, the row and its transition in one statement, and in the same
+        transaction the next occurrence of a recurring follow-up. Returns (the sent row, the
+        next occurrence); (None, None) if the row had left 'sending'."""
         async with self._pool.acquire() as connection, connection.transaction():
             record = await connection.fetchrow(
-                f"""UPDATE contractor_followup_schedules
-                    SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2,
-                        status_reason = $3, lease_until = NULL, last_error = NULL,
-                        calling_since = NULL,
-                        text_source = CASE WHEN $4::text IS NULL THEN text_source
-                                           ELSE 'template' END,
-                        text_fallback_reason = coalesce($4, text_fallback_reason),
-                        updated_at = now()
-                    WHERE id = $1 AND status = 'sending'
-                    RETURNING {_COLUMNS}""",
+                f"""WITH call AS (
+                        UPDATE webhook_calls SET finished_at = clock_timestamp(),
+                            outcome = 'sent', http_status = $5
+                        WHERE id = $6),
+                    sent AS (
+                        UPDATE contractor_followup_schedules
+                        SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2,
+                            status_reason = $3, lease_until = NULL, last_error = NULL,
+                            calling_since = NULL,
+                            text_source = CASE WHEN $4::text IS NULL THEN text_source
+                                               ELSE 'template' END,
+                            text_fallback_reason = coalesce($4, text_fallback_reason),
+                            updated_at = now()
+                        WHERE id = $1 AND status = 'sending'
+                        RETURNING {_COLUMNS}),
+                    logged AS (
+                        INSERT INTO followup_transitions
+                            (followup_id, stage, from_status, to_status, detail)
+                        SELECT id, 'dispatcher', 'sending', 'sent',
+                               jsonb_build_object('sent_by', sent_by, 'attempt', attempts,
+                                                  'lateness_ms', lateness_ms)
+                        FROM sent)
+                    SELECT * FROM sent""",
                 row.id,
                 sent_by,
                 note,
                 text_fallback_reason,
+                http_status,
+                call_id,
             )
             if record is None:
                 return None, None
             sent = Followup.from_record(record)
-            await _transition(
-                connection,
-                row.id,
-                "dispatcher",
-                Status.SENDING,
-                Status.SENT,
-                {"sent_by": sent_by, "attempt": row.attempts, "lateness_ms": sent.lateness_ms},
-            )
             following = None
             if next_occurrence is not None:
                 sent, following = await self._continue_series(connection, sent, next_occurrence)

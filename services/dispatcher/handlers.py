@@ -74,11 +74,11 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
         deps.timer, DISPATCHER_DUE.name, incoming.body, incoming.headers, deps.clock
     ):
         return
-    row = await deps.store.claim(due.followup_id, due.version, deps.lease, deps.margin)
-    if row is None:
+    claimed = await deps.store.claim(due.followup_id, due.version, deps.lease, deps.margin)
+    if claimed is None:
         await _not_claimed(due, deps)
         return
-    await _dispatch(row, incoming, deps)
+    await _dispatch(*claimed, incoming, deps)
 
 
 async def _not_claimed(due: TimerMessage, deps: DispatcherDeps) -> None:
@@ -105,8 +105,9 @@ async def _not_claimed(due: TimerMessage, deps: DispatcherDeps) -> None:
     )
 
 
-async def _dispatch(row: Followup, incoming: Incoming, deps: DispatcherDeps) -> None:
-    context = await deps.store.context(row)
+async def _dispatch(
+    row: Followup, context: Context | None, incoming: Incoming, deps: DispatcherDeps
+) -> None:
     if context is None:
         await _end(row, incoming, deps, Status.FAILED, "contractor_missing", plan=None)
         return
@@ -221,14 +222,17 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> None:
     call_id = slot.call_id
 
     async def _record() -> None:
-        await deps.store.record_call_end(call_id, result.outcome.value, result.http_status)
-        await _settle(send, result, deps)
+        if result.outcome is not Outcome.SENT:
+            await deps.store.record_call_end(call_id, result.outcome.value, result.http_status)
+        await _settle(send, result, call_id, deps)
 
     # The call has happened: a lost connection now must not run the whole message again.
     await persist(_record)
 
 
-async def _settle(send: PreparedSend, result: GatewayResult, deps: DispatcherDeps) -> None:
+async def _settle(
+    send: PreparedSend, result: GatewayResult, call_id: int, deps: DispatcherDeps
+) -> None:
     row = send.row
     bound = log.bind(
         followup_id=row.id,
@@ -240,6 +244,8 @@ async def _settle(send: PreparedSend, result: GatewayResult, deps: DispatcherDep
         real = deps.gateway.sent_by == "dispatcher"
         sent, following = await deps.store.mark_sent(
             row,
+            call_id=call_id,
+            http_status=result.http_status,
             sent_by=deps.gateway.sent_by,
             note=None if real else "console sink: not delivered to a gateway",
             text_fallback_reason=send.text_note,
