@@ -97,6 +97,12 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
     parser.add_argument("--queue-type", choices=["quorum", "classic"], default="quorum")
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL for the services")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample each service with py-spy during each scenario; collapsed stacks go to DIR",
+    )
     args = parser.parse_args(argv)
 
     def chosen(values: list[str] | None, every: list[str]) -> tuple[str, ...]:
@@ -124,6 +130,7 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         queue_type=args.queue_type,
         log_level=args.log_level,
         out=args.out,
+        profile=args.profile,
     )
     return plan, selection
 

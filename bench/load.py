@@ -4,6 +4,7 @@ with pipelined confirms (many publishes in flight on one channel, each one confi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,19 +38,22 @@ def request_body(
 
 
 class PipelinedPublisher:
-    """Implements shared.bus.Publisher on one aio-pika channel with confirms. Each publish
-    still waits for its own confirm; callers keep many in flight with `in_windows`."""
+    """Implements shared.bus.Publisher on a few aio-pika channels with confirms, taken in turn.
+    Each publish still waits for its own confirm; callers keep many in flight with
+    `in_windows`."""
 
-    def __init__(self, connection: AbstractRobustConnection, channel: AbstractChannel) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, channels: Sequence[AbstractChannel]
+    ) -> None:
         self._connection = connection
-        self._channel = channel
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._channels = itertools.cycle(channels)
+        self._exchanges: dict[tuple[int, str], AbstractExchange] = {}
 
     @classmethod
-    async def connect(cls, url: str) -> PipelinedPublisher:
+    async def connect(cls, url: str, channels: int = 1) -> PipelinedPublisher:
         connection = await aio_pika.connect_robust(url)
-        channel = await connection.channel(publisher_confirms=True)
-        return cls(connection, channel)
+        opened = [await connection.channel(publisher_confirms=True) for _ in range(channels)]
+        return cls(connection, opened)
 
     async def close(self) -> None:
         await self._connection.close()
@@ -64,10 +68,11 @@ class PipelinedPublisher:
         priority: int | None = None,
         mandatory: bool = True,
     ) -> None:
-        target = self._exchanges.get(exchange)
+        channel = next(self._channels)
+        target = self._exchanges.get((id(channel), exchange))
         if target is None:
-            target = await self._channel.get_exchange(exchange, ensure=False)
-            self._exchanges[exchange] = target
+            target = await channel.get_exchange(exchange, ensure=False)
+            self._exchanges[(id(channel), exchange)] = target
         await target.publish(
             aio_pika.Message(
                 body,

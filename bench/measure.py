@@ -71,6 +71,10 @@ def fill_resources(row: Row, sampler: Sampler) -> None:
     if sampler.machine_busy_fraction is not None:
         row.machine_busy_pct = round(sampler.machine_busy_fraction * 100, 1)
     row.duration_s = round(sampler.stopped_at - sampler.started_at, 1)
+    if sampler.broker_restarted:
+        row.notes.append(
+            "the broker restarted during this run (someone else's?): figures disturbed"
+        )
 
 
 async def wait_for_calls(

@@ -9,12 +9,13 @@ confirms: the same rows and timer messages the scheduler would leave, about ten 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
-
-import asyncpg
 
 from bench.load import TEMPLATE, PipelinedPublisher, in_windows, publish_requests, request_body
 from bench.measure import count_rows, max_id
@@ -58,23 +59,23 @@ SELECT id, version, scheduled_time FROM made
 """
 
 
-def _timers(row: asyncpg.Record, lead: timedelta) -> list[tuple[str, TimerMessage]]:
+def _timers(row: PendingRow, lead: timedelta) -> list[tuple[str, TimerMessage]]:
     """The two timers the scheduler arms for a new follow-up."""
-    due = row["scheduled_time"]
+    followup_id, version, due = row
     return [
         (
             PERSONALIZER_DUE.name,
             TimerMessage(
                 kind=TimerKind.PERSONALIZE,
-                followup_id=row["id"],
-                version=row["version"],
+                followup_id=followup_id,
+                version=version,
                 fire_at=due - lead,
             ),
         ),
         (
             DISPATCHER_DUE.name,
             TimerMessage(
-                kind=TimerKind.DISPATCH, followup_id=row["id"], version=row["version"], fire_at=due
+                kind=TimerKind.DISPATCH, followup_id=followup_id, version=version, fire_at=due
             ),
         ),
     ]
@@ -84,37 +85,72 @@ def _spread_start() -> datetime:
     return datetime.now(UTC) + timedelta(days=FIRST_DAY)
 
 
+PendingRow = tuple[int, int, datetime]  # id, version, scheduled_time
+
+
+async def _arm_rows(
+    url: str, backend: str, lead: float, rows: list[PendingRow], window: int
+) -> None:
+    publisher = await PipelinedPublisher.connect(url)
+    timer = make_timer(DelayBackend(backend), publisher)
+    try:
+        jobs = [
+            partial(arm, timer, destination, message)
+            for row in rows
+            for destination, message in _timers(row, timedelta(seconds=lead))
+        ]
+        await in_windows(jobs, window)
+    finally:
+        await publisher.close()
+
+
+def arm_rows(url: str, backend: str, lead: float, rows: list[PendingRow], window: int) -> None:
+    """In a worker process: publishing is CPU-bound in the client, so it is spread over
+    processes."""
+    asyncio.run(_arm_rows(url, backend, lead, rows, window))
+
+
 async def load_direct(
     stack: Stack, count: int, lead: float, window: int, progress: Progress
 ) -> dict[str, Any]:
-    publisher = await PipelinedPublisher.connect(stack.rabbitmq_url)
-    timer = make_timer(DelayBackend(stack.options.backend), publisher)
-    lead_delta = timedelta(seconds=lead)
     start = _spread_start()
     started = time.monotonic()
-    try:
-        with progress.track("pending: rows and timers (direct)", count) as tracker:
-            for first in range(0, count, BATCH):
-                last = min(first + BATCH, count)
-                rows = await stack.pool.fetch(
-                    _INSERT,
-                    first,
-                    last,
-                    stack.contractor_ids,
-                    start,
-                    float(count),
-                    timedelta(days=SPAN_DAYS),
-                    TEMPLATE,
+    loop = asyncio.get_running_loop()
+    workers = max(2, os.cpu_count() or 2)
+    # Spawned, not forked: a fork would copy this process's running event loop and threads.
+    with (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool,
+        progress.track("pending: rows and timers (direct)", count) as tracker,
+    ):
+        for first in range(0, count, BATCH):
+            last = min(first + BATCH, count)
+            records = await stack.pool.fetch(
+                _INSERT,
+                first,
+                last,
+                stack.contractor_ids,
+                start,
+                float(count),
+                timedelta(days=SPAN_DAYS),
+                TEMPLATE,
+            )
+            rows = [(r["id"], r["version"], r["scheduled_time"]) for r in records]
+            share = -(-len(rows) // workers)
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        pool,
+                        arm_rows,
+                        stack.rabbitmq_url,
+                        stack.options.backend,
+                        lead,
+                        rows[i : i + share],
+                        window,
+                    )
+                    for i in range(0, len(rows), share)
                 )
-                jobs = [
-                    partial(arm, timer, destination, message)
-                    for row in rows
-                    for destination, message in _timers(row, lead_delta)
-                ]
-                await in_windows(jobs, window * 2)
-                tracker.update(last)
-    finally:
-        await publisher.close()
+            )
+            tracker.update(last)
     seconds = time.monotonic() - started
     return {
         "count": count,

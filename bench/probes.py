@@ -74,6 +74,24 @@ def pids_named(name: str) -> list[int]:
     return pids_by_name(name)[name]
 
 
+def is_broker(pid: int) -> bool:
+    """The RabbitMQ node, not a short-lived rabbitmqctl (an Erlang VM of the same name)."""
+    try:
+        return b"rabbit boot" in (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def broker_pids() -> list[int]:
+    return [pid for pid in pids_named("beam.smp") if is_broker(pid)]
+
+
+def server_pids() -> dict[str, list[int]]:
+    """The broker node and every PostgreSQL process, in one pass over /proc."""
+    found = pids_by_name("beam.smp", "postgres")
+    return {"broker": [pid for pid in found["beam.smp"] if is_broker(pid)], **found}
+
+
 class CpuMeter:
     """CPU seconds used by a changing set of processes between start() and the last sample().
     A process that appears later counts from its own start; one that exits keeps its last
@@ -127,14 +145,17 @@ class Sampler:
 
     def __init__(self, services: dict[str, int], pool: asyncpg.Pool, interval: float = 0.5) -> None:
         self.traces = {name: ProcessTrace(pid) for name, pid in services.items()}
-        self._servers: dict[str, list[int]] = {"beam.smp": [], "postgres": []}
-        self.broker = CpuMeter(lambda: self._servers["beam.smp"])
+        self._servers: dict[str, list[int]] = {"broker": [], "postgres": []}
+        self.broker = CpuMeter(lambda: self._servers["broker"])
         self.database = CpuMeter(lambda: self._servers["postgres"])
         self._pool = pool
         self._backends: list[int] = []
         self.database_ours = CpuMeter(lambda: self._backends)
         self.interval = interval
         self.machine_busy_fraction: float | None = None
+        # The broker is shared: another user restarting it disturbs the figures.
+        self.broker_restarted = False
+        self._broker_at_start: set[int] = set()
         self._machine_start = (0.0, 0.0)
         self._task: asyncio.Task[None] | None = None
         self.started_at = 0.0
@@ -159,13 +180,16 @@ class Sampler:
             if rounds % 8 == 0:
                 # Finding processes is the costly part: done every few samples, not each one.
                 self._backends = await service_backend_pids(self._pool)
-                self._servers = await asyncio.to_thread(pids_by_name, *self._servers)
+                self._servers = await asyncio.to_thread(server_pids)
+                if set(self._servers["broker"]) != self._broker_at_start:
+                    self.broker_restarted = True
             rounds += 1
             await asyncio.to_thread(self._sample)
 
     async def start(self) -> None:
         self._backends = await service_backend_pids(self._pool)
-        self._servers = pids_by_name(*self._servers)
+        self._servers = server_pids()
+        self._broker_at_start = set(self._servers["broker"])
         self.started_at = time.time()
         for trace in self.traces.values():
             trace.cpu_start = trace.cpu_end = cpu_seconds(trace.pid) or 0.0
@@ -180,7 +204,9 @@ class Sampler:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._servers = pids_by_name(*self._servers)
+        self._servers = server_pids()
+        if set(self._servers["broker"]) != self._broker_at_start:
+            self.broker_restarted = True
         self._sample()
         for trace in self.traces.values():
             trace.high_water = peak_rss_mb(trace.pid)
@@ -212,7 +238,7 @@ def queue_figures(vhost: str) -> dict[str, tuple[int, int]]:
 
 
 def broker_rss_mb() -> float | None:
-    sizes = [rss for pid in pids_named("beam.smp") if (rss := rss_mb(pid)) is not None]
+    sizes = [rss for pid in broker_pids() if (rss := rss_mb(pid)) is not None]
     return sum(sizes) if sizes else None
 
 

@@ -107,6 +107,16 @@ def print_report(console: Console, rows: list[Row]) -> None:
             console.print(f"  {row.scenario}/{row.backend}: {note}", highlight=False)
 
 
+def print_profiles(
+    console: Console, label: str, profiles: dict[str, dict[str, list[tuple[str, float]]]]
+) -> None:
+    for service, summary in profiles.items():
+        console.print(f"profile {label} {service}: where the samples were", highlight=False)
+        for kind in ("self", "inclusive"):
+            for name, share in summary.get(kind, [])[:10]:
+                console.print(f"  {kind:9} {share:5.1f} %  {name}", highlight=False, markup=False)
+
+
 def _git_commit() -> str | None:
     result = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bench.profile import Profiler
 from bench.progress import Progress
-from bench.report import RESULTS, Row, print_report, write_json
+from bench.report import RESULTS, Row, print_profiles, print_report, write_json
 from bench.scenarios import NEEDS_AI, SCENARIOS, Plan
 from bench.stack import Stack, StackOptions, plugin_available
 
@@ -22,6 +23,7 @@ class Selection:
     queue_type: str
     log_level: str
     out: Path | None
+    profile: Path | None = None
 
 
 async def run(plan: Plan, selection: Selection, console: Console) -> list[Row]:
@@ -48,7 +50,22 @@ async def run(plan: Plan, selection: Selection, console: Console) -> list[Row]:
             progress.say(f"[{scenario}/{backend}] starting the stack")
             async with Stack(options) as stack:
                 progress.say(f"[{scenario}/{backend}] running (service logs in {options.log_dir})")
-                row = await SCENARIOS[scenario](stack, plan, progress)
+                profiler = None
+                if selection.profile is not None:
+                    profiler = Profiler(selection.profile, f"{scenario}-{backend}")
+                    profiler.start(stack.service_pids())
+                try:
+                    row = await SCENARIOS[scenario](stack, plan, progress)
+                finally:
+                    profiles = profiler.stop() if profiler else {}
+                if profiles:
+                    row.extra["profile"] = profiles
+                    print_profiles(console, f"{scenario}/{backend}", profiles)
+                if stack.broker_closed_connections():
+                    row.notes.append(
+                        "the broker closed the services' connections during this run (restarted "
+                        "by another user of the machine?): figures disturbed"
+                    )
             rows.append(row)
             progress.say(f"[{scenario}/{backend}] done")
     print_report(console, rows)

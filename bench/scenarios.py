@@ -191,11 +191,24 @@ async def ingest(stack: Stack, plan: Plan, progress: Progress) -> Row:
         row.throughput_unit = "req/s"
         row.extra["seconds"] = round(persisted - started, 2)
     if stack.options.backend == "levels":
-        queues = queue_figures(stack.vhost)
-        timers = sum(n for name, (n, _) in queues.items() if name.startswith(TIMER_LEVEL_PREFIX))
+        timers = await settled_timer_count(stack.vhost)
         row.extra["timers_pending"] = timers
         row.notes.append(f"{timers:,} timers held by the broker (two per follow-up expected)")
     return row
+
+
+async def settled_timer_count(vhost: str, patience: float = 12.0) -> int:
+    """Messages in the timer level queues. The broker refreshes queue figures every few
+    seconds, so this asks until two answers agree."""
+    deadline = time.monotonic() + patience
+    last = -1
+    while True:
+        queues = await asyncio.to_thread(queue_figures, vhost)
+        count = sum(n for name, (n, _) in queues.items() if name.startswith(TIMER_LEVEL_PREFIX))
+        if count == last or time.monotonic() > deadline:
+            return count
+        last = count
+        await asyncio.sleep(2.5)
 
 
 async def pending(stack: Stack, plan: Plan, progress: Progress) -> Row:

@@ -114,6 +114,9 @@ class Stack:
             pids[name] = service.process.pid
         return pids
 
+    def broker_closed_connections(self) -> bool:
+        return self.services is not None and "CONNECTION_FORCED" in self.services.logs()
+
     async def __aenter__(self) -> Stack:
         try:
             await self._up()

@@ -1,0 +1,121 @@
+"""`--profile DIR`: py-spy samples each service process while a scenario runs (without pausing
+it), writes collapsed stacks (flamegraph input) and summarises where the time went."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+PROJECT_CODE = re.compile(r"\((services|shared)/")
+# Frames every delivery passes through (event loop, CLI, FastStream's plumbing): left out of the
+# inclusive list, which is there to show which calls of ours and of the drivers cost the most.
+PLUMBING = re.compile(
+    r"\((<frozen runpy>|asyncio/|typer/|threading\.py|services/cli/|fast_depends/"
+    r"|faststream/_internal/|faststream/middlewares/|faststream/prometheus/)"
+)
+# "function (path/to/file.py:123)": the line number is dropped to add up a function's samples.
+FRAME = re.compile(r"^(?P<function>.*) \((?P<path>[^()]*?)(?::\d+)?\)$")
+TOP = 15
+
+
+def py_spy() -> str:
+    beside = Path(sys.executable).with_name("py-spy")
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if found is None:
+        raise SystemExit("--profile needs py-spy (make install puts it in .venv/bin)")
+    return found
+
+
+def frame_name(frame: str) -> str:
+    match = FRAME.match(frame)
+    if match is None:
+        return frame
+    path = match["path"]
+    for root in ("/site-packages/", "/work/main/", "/lib/python3"):
+        if root in path:
+            path = path.split(root, 1)[1]
+            break
+    return f"{match['function']} ({path})"
+
+
+def summarise(lines: Iterable[str]) -> dict[str, list[tuple[str, float]]]:
+    """From collapsed stacks: the share of samples spent in each function itself (`self`) and
+    in each function including what it called (`inclusive`, plumbing left out), and the share
+    that passed through the project's own code (`ours`)."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    ours = 0
+    for line in lines:
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = stack.split(";")
+        own[frame_name(frames[-1])] += samples
+        ours += samples if any(PROJECT_CODE.search(f) for f in frames) else 0
+        for name in {frame_name(f) for f in frames if not PLUMBING.search(f)}:
+            inclusive[name] += samples
+    if not total:
+        return {"self": [], "inclusive": []}
+    return {
+        "self": [(name, round(n / total * 100, 1)) for name, n in own.most_common(TOP)],
+        "inclusive": [(name, round(n / total * 100, 1)) for name, n in inclusive.most_common(TOP)],
+        "samples": [("total", float(total)), ("in services/ or shared/ %", ours / total * 100)],
+    }
+
+
+class Profiler:
+    def __init__(self, out_dir: Path, label: str, rate: int = 100) -> None:
+        self.out_dir = out_dir
+        self.label = label
+        self.rate = rate
+        self._running: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def start(self, pids: dict[str, int]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        binary = py_spy()
+        for name, pid in pids.items():
+            output = self.out_dir / f"{self.label}-{name}.txt"
+            process = subprocess.Popen(
+                [
+                    binary,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    str(self.rate),
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(output),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self._running[name] = (process, output)
+
+    def stop(self) -> dict[str, dict[str, list[tuple[str, float]]]]:
+        """Stops each recorder (SIGINT makes py-spy write its file) and summarises it."""
+        summaries = {}
+        for name, (process, output) in self._running.items():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if output.exists():
+                with output.open() as lines:
+                    summaries[name] = summarise(lines)
+        self._running.clear()
+        return summaries
