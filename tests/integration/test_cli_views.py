@@ -9,16 +9,15 @@ from tests.integration.test_queries import add_followup
 from tests.support.cli import followups
 from tests.support.data import add_contractor
 
-NOW = datetime.now(UTC)
-
 
 async def test_list_filters_and_shows_priority(settings, pool):
+    now = datetime.now(UTC)
     sam = await add_contractor(pool)
     urgent = await add_followup(
-        pool, sam, NOW + timedelta(minutes=30), priority=9, followup_type="payment"
+        pool, sam, now + timedelta(minutes=30), priority=9, followup_type="payment"
     )
-    later = await add_followup(pool, sam, NOW + timedelta(hours=5), followup_type="payment")
-    await add_followup(pool, sam, NOW - timedelta(hours=1), status="sent", sent_at=NOW)
+    later = await add_followup(pool, sam, now + timedelta(hours=5), followup_type="payment")
+    await add_followup(pool, sam, now - timedelta(hours=1), status="sent", sent_at=now)
 
     result = await followups(settings, "list", "--status", "scheduled", "--due-before", "1h")
     assert result.exit_code == 0, result.output
@@ -37,18 +36,20 @@ async def test_list_filters_and_shows_priority(settings, pool):
 
 
 async def test_overdue_lists_pending_rows_past_their_time(settings, pool):
+    now = datetime.now(UTC)
     sam = await add_contractor(pool)
-    stuck = await add_followup(pool, sam, NOW - timedelta(minutes=3))
-    await add_followup(pool, sam, NOW + timedelta(minutes=3), followup_type="future")
+    stuck = await add_followup(pool, sam, now - timedelta(minutes=3))
+    await add_followup(pool, sam, now + timedelta(minutes=3), followup_type="future")
     result = await followups(settings, "list", "--overdue")
     assert f"│ {stuck} " in result.output
     assert "future" not in result.output
 
 
 async def test_show_prints_row_text_path_timeline_and_calls(settings, pool):
+    now = datetime.now(UTC)
     sam = await add_contractor(pool)
     fid = await add_followup(
-        pool, sam, NOW, status="sent", sent_at=NOW, lateness_ms=12.5, key="show-me"
+        pool, sam, now, status="sent", sent_at=now, lateness_ms=12.5, key="show-me"
     )
     await pool.execute(
         "INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)"
@@ -73,14 +74,15 @@ async def test_show_prints_row_text_path_timeline_and_calls(settings, pool):
 
 
 async def test_stats_as_json(settings, pool):
+    now = datetime.now(UTC)
     sam = await add_contractor(pool)
     for n in range(4):
         await add_followup(
             pool,
             sam,
-            NOW - timedelta(hours=1),
+            now - timedelta(hours=1),
             status="sent",
-            sent_at=NOW,
+            sent_at=now,
             lateness_ms=10.0 * (n + 1),
             prompt_variant="v1",
             responded_after=timedelta(minutes=5) if n == 0 else None,
