@@ -71,6 +71,11 @@ def fill_resources(row: Row, sampler: Sampler) -> None:
     if sampler.machine_busy_fraction is not None:
         row.machine_busy_pct = round(sampler.machine_busy_fraction * 100, 1)
     row.duration_s = round(sampler.stopped_at - sampler.started_at, 1)
+    row.extra["bench_process_cpu_s"] = round(sampler.bench_cpu, 2)
+    row.extra["load_average_1m"] = [
+        round(sampler.load_average_start, 2),
+        round(sampler.load_average_end, 2),
+    ]
     if sampler.broker_restarted:
         row.notes.append(
             "the broker restarted during this run (someone else's?): figures disturbed"

@@ -160,6 +160,11 @@ class Sampler:
         self._task: asyncio.Task[None] | None = None
         self.started_at = 0.0
         self.stopped_at = 0.0
+        self.load_average_start = 0.0
+        self.load_average_end = 0.0
+        # This process hosts the webhook receiver and the model stand-in: its CPU is load too.
+        self.bench_cpu = 0.0
+        self._bench_cpu_start = 0.0
 
     def _sample(self) -> None:
         for trace in self.traces.values():
@@ -191,6 +196,8 @@ class Sampler:
         self._servers = server_pids()
         self._broker_at_start = set(self._servers["broker"])
         self.started_at = time.time()
+        self.load_average_start = os.getloadavg()[0]
+        self._bench_cpu_start = time.process_time()
         for trace in self.traces.values():
             trace.cpu_start = trace.cpu_end = cpu_seconds(trace.pid) or 0.0
         self.broker.start()
@@ -211,6 +218,8 @@ class Sampler:
         for trace in self.traces.values():
             trace.high_water = peak_rss_mb(trace.pid)
         self.stopped_at = time.time()
+        self.load_average_end = os.getloadavg()[0]
+        self.bench_cpu = time.process_time() - self._bench_cpu_start
         busy, total = machine_busy()
         elapsed = total - self._machine_start[1]
         if elapsed > 0:
