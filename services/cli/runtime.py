@@ -67,10 +67,14 @@ def run(
         raise typer.Exit(_run_all())
     if service not in SERVICES:
         raise fail(f"unknown service {service!r}; choose from {', '.join(SERVICES)} or all", 2)
+    from shared.errors import ConfigurationError
     from shared.health import ServiceApp
 
     settings = load_settings()
-    app = importlib.import_module(f"services.{service}.app").create_app(settings)
+    try:
+        app = importlib.import_module(f"services.{service}.app").create_app(settings)
+    except ConfigurationError as exc:
+        raise fail(f"{service} cannot start: {exc}", 2) from None
     if not isinstance(app, ServiceApp):
         raise fail(f"services.{service}.app.create_app must return a ServiceApp")
     asyncio.run(app.serve(settings.http_host, settings.http_port))
