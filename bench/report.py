@@ -100,6 +100,19 @@ def table(rows: list[Row]) -> Table:
     return grid
 
 
+def summary(row: Row) -> str:
+    """One line, printed as soon as a scenario ends."""
+    parts = [f"sent {row.sent:,}/{row.expected:,}"]
+    if row.lateness_ms is not None and row.lateness_ms.count:
+        parts.append(
+            f"lateness p50 {_ms(row.lateness_ms.p50)} p99 {_ms(row.lateness_ms.p99)} "
+            f"max {_ms(row.lateness_ms.max)} ms, early {row.early}, dup keys {row.duplicate_keys}"
+        )
+    if row.throughput is not None:
+        parts.append(f"{row.throughput:,.0f} {row.throughput_unit}")
+    return "; ".join(parts)
+
+
 def print_report(console: Console, rows: list[Row]) -> None:
     console.print(table(rows))
     for row in rows:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from bench.profile import Profiler
 from bench.progress import Progress
-from bench.report import RESULTS, Row, print_profiles, print_report, write_json
+from bench.report import RESULTS, Row, print_profiles, print_report, summary, write_json
 from bench.scenarios import NEEDS_AI, SCENARIOS, Plan
 from bench.stack import Stack, StackOptions, plugin_available
 
@@ -28,14 +28,14 @@ class Selection:
 
 async def run(plan: Plan, selection: Selection, console: Console) -> list[Row]:
     progress = Progress(console)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    log_root = RESULTS / f"{stamp}-logs"
+    log_root = RESULTS / f"{time.strftime('%Y%m%dT%H%M%S')}-logs"
     rows: list[Row] = []
     has_plugin = await plugin_available() if "plugin" in selection.backends else False
     for scenario in selection.scenarios:
         for backend in selection.backends:
+            label = f"[{scenario}/{backend}]"
             if backend == "plugin" and not has_plugin:
-                progress.say(f"[{scenario}/plugin] not available on this broker: skipped")
+                progress.say(f"{label} not available on this broker: skipped")
                 rows.append(Row(scenario, backend, available=False))
                 continue
             options = StackOptions(
@@ -47,29 +47,40 @@ async def run(plan: Plan, selection: Selection, console: Console) -> list[Row]:
                 queue_type=selection.queue_type,
                 log_level=selection.log_level,
             )
-            progress.say(f"[{scenario}/{backend}] starting the stack")
-            async with Stack(options) as stack:
-                progress.say(f"[{scenario}/{backend}] running (service logs in {options.log_dir})")
-                profiler = None
-                if selection.profile is not None:
-                    profiler = Profiler(selection.profile, f"{scenario}-{backend}")
-                    profiler.start(stack.service_pids())
-                try:
-                    row = await SCENARIOS[scenario](stack, plan, progress)
-                finally:
-                    profiles = profiler.stop() if profiler else {}
-                if profiles:
-                    row.extra["profile"] = profiles
-                    print_profiles(console, f"{scenario}/{backend}", profiles)
-                if stack.broker_closed_connections():
-                    row.notes.append(
-                        "the broker closed the services' connections during this run (restarted "
-                        "by another user of the machine?): figures disturbed"
-                    )
+            progress.say(f"{label} starting the stack (service logs in {options.log_dir})")
+            try:
+                row = await _one(scenario, options, plan, selection, progress)
+            except Exception as exc:
+                # The machine is shared (someone may stop the broker): keep the other rows.
+                progress.say(f"{label} failed: {exc!r}")
+                row = Row(scenario, backend, notes=[f"failed: {exc!r}"[:400]])
             rows.append(row)
-            progress.say(f"[{scenario}/{backend}] done")
+            progress.say(f"{label} done: {summary(row)}")
     print_report(console, rows)
     settings = {**dataclasses.asdict(plan), **dataclasses.asdict(selection)}
     path = write_json(rows, settings, selection.out)
     console.print(f"results written to {path}", highlight=False)
     return rows
+
+
+async def _one(
+    scenario: str, options: StackOptions, plan: Plan, selection: Selection, progress: Progress
+) -> Row:
+    async with Stack(options) as stack:
+        profiler = None
+        if selection.profile is not None:
+            profiler = Profiler(selection.profile, f"{scenario}-{options.backend}")
+            profiler.start(stack.service_pids())
+        try:
+            row = await SCENARIOS[scenario](stack, plan, progress)
+        finally:
+            profiles = profiler.stop() if profiler else {}
+        if profiles:
+            row.extra["profile"] = profiles
+            print_profiles(progress.console, f"{scenario}/{options.backend}", profiles)
+        if stack.broker_closed_connections():
+            row.notes.append(
+                "the broker closed the services' connections during this run (stopped by "
+                "another user of the machine?): figures disturbed"
+            )
+    return row

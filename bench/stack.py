@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from bench.probes import BENCH_APPLICATION
 from shared.db import create_pool
 from shared.timers import broker_has_plugin
 from tests.support import openai_server
-from tests.support.infra import AMQP_ROOT, Infra, rabbitmqctl
+from tests.support.infra import AMQP_ROOT, PG_ADMIN, Infra, rabbitmqctl
 from tests.support.openai_server import OpenAIServer
 from tests.support.processes import ServiceSet
 from tests.support.webhook import WebhookReceiver
@@ -162,9 +163,29 @@ class Stack:
             with contextlib.suppress(Exception):
                 await self.openai.stop()
         if self._pool is not None:
-            await self._pool.close()
+            with contextlib.suppress(Exception):
+                await self._pool.close()
         if self.infra is not None:
-            await self.infra.drop()
+            await drop(self.infra)
+
+
+async def drop(infra: Infra, patience: float = 120.0) -> None:
+    """Drops the database, then the vhost. The broker is shared: someone else's test may have
+    stopped it for a while (tests/e2e/test_broker_restart.py does), so the vhost is retried."""
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{infra.name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            await asyncio.to_thread(rabbitmqctl, "delete_vhost", infra.name)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(3)
 
 
 async def add_contractors(pool: asyncpg.Pool, count: int) -> list[int]:
