@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import aio_pika
 
-from shared.topology import DEAD_LETTER_EXCHANGE, PUBLIC_EXCHANGE, SCHEDULER_INBOX
+from shared.topology import DEAD_LETTER_EXCHANGE, PUBLIC_EXCHANGE, SCHEDULER_INBOX, WORK_QUEUES
 from tests.e2e.conftest import soon, wait_until
 from tests.support.cli import followups
 from tests.support.data import add_contractor
@@ -26,6 +26,12 @@ async def row_by_key(pool, key: str):
 
 
 async def test_doctor_is_green_against_running_services(settings, receiver, start_services):
+    # Earlier tests of the session leave dead letters, which doctor rightly warns about.
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        for work in WORK_QUEUES:
+            await (await channel.get_queue(work.dead_letter_queue)).purge()
     start_services()
     result = await followups(settings, "doctor", "--json", **cli_env(receiver))
     checks = {c["name"]: c for c in json.loads(result.output)}
