@@ -176,6 +176,27 @@ _CONTEXT_COLUMNS = ", ".join(
     + [f"e.{n} AS e_{n}" for n in EVENT_COLUMNS]
 )
 _SELECT = f"SELECT {_COLUMNS} FROM contractor_followup_schedules"
+# $1 id, $2 sent_by, $3 note, $4 text fallback reason, $5 http status, $6 webhook call id
+_MARK_SENT = f"""
+    WITH call AS (
+        UPDATE webhook_calls SET finished_at = clock_timestamp(), outcome = 'sent',
+            http_status = $5
+        WHERE id = $6),
+    sent AS (
+        UPDATE contractor_followup_schedules
+        SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2, status_reason = $3,
+            lease_until = NULL, last_error = NULL, calling_since = NULL,
+            text_source = CASE WHEN $4::text IS NULL THEN text_source ELSE 'template' END,
+            text_fallback_reason = coalesce($4, text_fallback_reason), updated_at = now()
+        WHERE id = $1 AND status = 'sending'
+        RETURNING {_COLUMNS}),
+    logged AS (
+        INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
+        SELECT id, 'dispatcher', 'sending', 'sent',
+               jsonb_build_object('sent_by', sent_by, 'attempt', attempts,
+                                  'lateness_ms', lateness_ms)
+        FROM sent)
+    SELECT * FROM sent"""
 
 
 class FollowupStore:
@@ -613,45 +634,23 @@ class FollowupStore:
         """Sent: the call, the row and its transition in one statement, and in the same
         transaction the next occurrence of a recurring follow-up. Returns (the sent row, the
         next occurrence); (None, None) if the row had left 'sending'."""
+        arguments = (
+            row.id,
+            sent_by,
+            note,
+            text_fallback_reason,
+            http_status,
+            call_id,
+        )
+        if next_occurrence is None:  # one statement, no explicit transaction: one round trip
+            record = await self._pool.fetchrow(_MARK_SENT, *arguments)
+            return (Followup.from_record(record) if record else None), None
         async with self._pool.acquire() as connection, connection.transaction():
-            record = await connection.fetchrow(
-                f"""WITH call AS (
-                        UPDATE webhook_calls SET finished_at = clock_timestamp(),
-                            outcome = 'sent', http_status = $5
-                        WHERE id = $6),
-                    sent AS (
-                        UPDATE contractor_followup_schedules
-                        SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2,
-                            status_reason = $3, lease_until = NULL, last_error = NULL,
-                            calling_since = NULL,
-                            text_source = CASE WHEN $4::text IS NULL THEN text_source
-                                               ELSE 'template' END,
-                            text_fallback_reason = coalesce($4, text_fallback_reason),
-                            updated_at = now()
-                        WHERE id = $1 AND status = 'sending'
-                        RETURNING {_COLUMNS}),
-                    logged AS (
-                        INSERT INTO followup_transitions
-                            (followup_id, stage, from_status, to_status, detail)
-                        SELECT id, 'dispatcher', 'sending', 'sent',
-                               jsonb_build_object('sent_by', sent_by, 'attempt', attempts,
-                                                  'lateness_ms', lateness_ms)
-                        FROM sent)
-                    SELECT * FROM sent""",
-                row.id,
-                sent_by,
-                note,
-                text_fallback_reason,
-                http_status,
-                call_id,
-            )
+            record = await connection.fetchrow(_MARK_SENT, *arguments)
             if record is None:
                 return None, None
             sent = Followup.from_record(record)
-            following = None
-            if next_occurrence is not None:
-                sent, following = await self._continue_series(connection, sent, next_occurrence)
-            return sent, following
+            return await self._continue_series(connection, sent, next_occurrence)
 
     async def _continue_series(
         self, connection: asyncpg.Connection, row: Followup, plan: NextOccurrence
