@@ -12,6 +12,7 @@ from shared.db import create_pool
 from shared.settings import DelayBackend, Settings
 from shared.topology import declare_topology
 from tests.support.infra import Infra, truncate
+from tests.support.openai_server import OpenAIServer
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,12 @@ async def session_pool(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
 async def pool(session_pool: asyncpg.Pool) -> asyncpg.Pool:
     await truncate(session_pool)
     return session_pool
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[OpenAIServer]:
+    """An OpenAI-compatible server on loopback; tests program its replies."""
+    server = OpenAIServer()
+    await server.start()
+    yield server
+    await server.stop()

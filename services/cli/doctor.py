@@ -108,29 +108,28 @@ async def check_broker(settings: Settings) -> list[Check]:
     return checks
 
 
-async def _exists(connection: aio_pika.abc.AbstractConnection, queue: str) -> bool:
+async def _declared(
+    connection: aio_pika.abc.AbstractConnection,
+    probe: Callable[[aio_pika.abc.AbstractChannel], Awaitable[object]],
+) -> bool:
     # A failed passive declare closes its channel: one throwaway channel per question.
     channel = await connection.channel()
     try:
-        await channel.declare_queue(queue, passive=True)
+        await probe(channel)
     except aiormq.exceptions.ChannelNotFoundEntity:
         return False
     finally:
         if not channel.is_closed:
             await channel.close()
     return True
+
+
+async def _exists(connection: aio_pika.abc.AbstractConnection, queue: str) -> bool:
+    return await _declared(connection, lambda channel: channel.declare_queue(queue, passive=True))
 
 
 async def _exchange_exists(connection: aio_pika.abc.AbstractConnection, name: str) -> bool:
-    channel = await connection.channel()
-    try:
-        await channel.get_exchange(name, ensure=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return True
+    return await _declared(connection, lambda channel: channel.get_exchange(name, ensure=True))
 
 
 async def _check_timers(settings: Settings, connection: aio_pika.abc.AbstractConnection) -> Check:

@@ -3,25 +3,17 @@ the model's text is sent when it is fit, and a slow or misbehaving model never d
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from tests.e2e.conftest import request_followup, soon, wait_for_final
 from tests.support.data import add_action_item, add_contractor, add_event
-from tests.support.openai_server import API_KEY, OpenAIServer, Reply, always
-
-TEMPLATE = "Hi {first_name}, please {action_item} before the {event_name}."
-RENDERED = "Hi Sam, please Send the W-9 before the Spring Expo."
-AI_TEXT = "Hey Sam! Could you send over your W-9 before the Spring Expo? Thanks a lot."
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[OpenAIServer]:
-    server = OpenAIServer()
-    await server.start()
-    yield server
-    await server.stop()
+from tests.support.openai_server import (
+    AI_TEXT,
+    API_KEY,
+    RENDERED,
+    TEMPLATE,
+    OpenAIServer,
+    Reply,
+    always,
+)
 
 
 def _ai_env(llm: OpenAIServer, lead: float) -> dict[str, str]:

@@ -27,20 +27,18 @@ from shared.store import Followup, FollowupStore, Reference
 from shared.timers import utcnow
 from shared.topology import PERSONALIZER_DUE, PUBLIC_EXCHANGE
 from tests.support.data import add_action_item, add_contractor, add_event
-from tests.support.openai_server import API_KEY, OpenAIServer, Reply, always, in_turn
+from tests.support.openai_server import (
+    AI_TEXT,
+    API_KEY,
+    RENDERED,
+    TEMPLATE,
+    OpenAIServer,
+    Reply,
+    always,
+    in_turn,
+)
 
 MODEL = "gpt-test"
-TEMPLATE = "Hi {first_name}, please {action_item} before the {event_name}."
-RENDERED = "Hi Sam, please Send the W-9 before the Spring Expo."
-AI_TEXT = "Hey Sam! Could you send over your W-9 before the Spring Expo? Thanks a lot."
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[OpenAIServer]:
-    server = OpenAIServer()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

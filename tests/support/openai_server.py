@@ -14,6 +14,10 @@ from typing import Any
 from tests.support.loopback import LoopbackServer, Request
 
 API_KEY = "sk-test-loopback"
+# A follow-up the AI tests share: its template, the template rendered, and a model's rewrite.
+TEMPLATE = "Hi {first_name}, please {action_item} before the {event_name}."
+RENDERED = "Hi Sam, please Send the W-9 before the Spring Expo."
+AI_TEXT = "Hey Sam! Could you send over your W-9 before the Spring Expo? Thanks a lot."
 
 
 @dataclass(frozen=True)
