@@ -1,5 +1,7 @@
-"""`--profile DIR`: py-spy samples each service process while a scenario runs (without pausing
-it), writes collapsed stacks (flamegraph input) and summarises where the time went."""
+"""`--profile DIR`: py-spy samples each service process while a scenario runs, writes collapsed
+stacks (flamegraph input) and summarises where the time went. py-spy pauses a process for each
+sample (its --nonblocking mode tore a third of the stacks here), so a profiled run's timings are
+a little worse than an unprofiled one's."""
 
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ PLUMBING = re.compile(
 # "function (path/to/file.py:123)": the line number is dropped to add up a function's samples.
 FRAME = re.compile(r"^(?P<function>.*) \((?P<path>[^()]*?)(?::\d+)?\)$")
 TOP = 15
+# A thread parked here is waiting, not working (anyio's idle worker threads, the event loop's
+# poll); py-spy counts such samples anyway, so they are set apart as `idle`.
+WAITING = ("Condition.wait (threading.py", "EpollSelector.select (selectors.py")
 
 
 def py_spy() -> str:
@@ -45,12 +50,14 @@ def frame_name(frame: str) -> str:
 
 
 def summarise(lines: Iterable[str]) -> dict[str, list[tuple[str, float]]]:
-    """From collapsed stacks: the share of samples spent in each function itself (`self`) and
-    in each function including what it called (`inclusive`, plumbing left out), and the share
-    that passed through the project's own code (`ours`)."""
+    """From collapsed stacks: the share of busy samples spent in each function itself (`self`)
+    and in each function including what it called (`inclusive`, plumbing left out); how many
+    samples were idle and how many busy ones passed through the project's own code."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
+    idle = 0
+    busy = 0
     ours = 0
     for line in lines:
         stack, _, count = line.rstrip("\n").rpartition(" ")
@@ -59,16 +66,24 @@ def summarise(lines: Iterable[str]) -> dict[str, list[tuple[str, float]]]:
         samples = int(count)
         total += samples
         frames = stack.split(";")
+        if frames[-1].startswith(WAITING):
+            idle += samples
+            continue
+        busy += samples
         own[frame_name(frames[-1])] += samples
         ours += samples if any(PROJECT_CODE.search(f) for f in frames) else 0
         for name in {frame_name(f) for f in frames if not PLUMBING.search(f)}:
             inclusive[name] += samples
-    if not total:
+    if not busy:
         return {"self": [], "inclusive": []}
     return {
-        "self": [(name, round(n / total * 100, 1)) for name, n in own.most_common(TOP)],
-        "inclusive": [(name, round(n / total * 100, 1)) for name, n in inclusive.most_common(TOP)],
-        "samples": [("total", float(total)), ("in services/ or shared/ %", ours / total * 100)],
+        "self": [(name, round(n / busy * 100, 1)) for name, n in own.most_common(TOP)],
+        "inclusive": [(name, round(n / busy * 100, 1)) for name, n in inclusive.most_common(TOP)],
+        "samples": [
+            ("total", float(total)),
+            ("idle %", round(idle / total * 100, 1)),
+            ("busy samples through services/ or shared/ %", round(ours / busy * 100, 1)),
+        ],
     }
 
 
@@ -94,7 +109,6 @@ class Profiler:
                     str(self.rate),
                     "--format",
                     "raw",
-                    "--nonblocking",
                     "--output",
                     str(output),
                 ],
