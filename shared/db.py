@@ -19,6 +19,10 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    return None
+
+
 async def create_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "followups"
 ) -> asyncpg.Pool:
@@ -32,6 +36,10 @@ async def create_pool(
         command_timeout=30,
         # Connections that sat idle across a database restart are dropped, not handed out.
         max_inactive_connection_lifetime=60,
+        # The default reset is a round trip on every release. Pooled connections keep no
+        # session state (advisory locks are transaction-scoped, no LISTEN, no SET); an open
+        # transaction is still rolled back by asyncpg before this runs.
+        reset=_keep_session,
     )
     assert pool is not None
     return pool

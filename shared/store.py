@@ -772,11 +772,16 @@ class FollowupStore:
         """Rows whose send timer should have fired more than `grace` ago: scheduled ones past
         their (next attempt) time, and sending ones whose lease ran out."""
         records = await self._pool.fetch(
+            # A range on scheduled_time over the pending index (now(), not the volatile
+            # clock_timestamp(), so the index can bound it): a sending row's lease ends well
+            # after its scheduled_time, so both kinds lie below the bound.
             f"""{_SELECT}
-                WHERE (status = 'scheduled'
-                       AND greatest(scheduled_time, coalesce(next_attempt_at, scheduled_time))
-                           < clock_timestamp() - $1::interval)
-                   OR (status = 'sending' AND lease_until < clock_timestamp() - $1::interval)
+                WHERE status IN ('scheduled', 'sending')
+                  AND scheduled_time < now() - $1::interval
+                  AND CASE WHEN status = 'scheduled'
+                           THEN coalesce(next_attempt_at, scheduled_time)
+                                < now() - $1::interval
+                           ELSE lease_until < now() - $1::interval END
                 ORDER BY scheduled_time LIMIT $2""",
             grace,
             limit,
@@ -790,9 +795,10 @@ class FollowupStore:
         send is still far enough ahead for preparing it to be worth it."""
         records = await self._pool.fetch(
             f"""{_SELECT}
-                WHERE status = 'scheduled' AND prepared_version IS DISTINCT FROM version
-                  AND scheduled_time - $2::interval < clock_timestamp() - $1::interval
-                  AND scheduled_time > clock_timestamp() + $1::interval
+                WHERE status IN ('scheduled', 'sending') AND status = 'scheduled'
+                  AND prepared_version IS DISTINCT FROM version
+                  AND scheduled_time < now() - $1::interval + $2::interval
+                  AND scheduled_time > now() + $1::interval
                 ORDER BY scheduled_time LIMIT $3""",
             grace,
             lead,
