@@ -123,6 +123,14 @@ class EventLog:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
+    async def first(self, name: str, followup_id: int, timeout: float = 15.0) -> dict[str, Any]:
+        """The first such event; events follow the commit, so they may still be on their way."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.named(name, followup_id)):
+            assert time.monotonic() < deadline, f"no {name} for follow-up {followup_id}"
+            await asyncio.sleep(0.05)
+        return found[0]
+
     def named(self, name: str, followup_id: int | None = None) -> list[dict[str, Any]]:
         return [
             e

@@ -101,7 +101,7 @@ async def test_a_400_fails_at_once_with_a_dead_letter_and_an_event(
     assert rows[0]["status_reason"] == "http_400"
     assert rows[0]["attempts"] == 1
     assert len(receiver.calls) == 1
-    assert events.named("followup.failed", rows[0]["id"])[0]["reason"] == "http_400"
+    assert (await events.first("followup.failed", rows[0]["id"]))["reason"] == "http_400"
     connection = await aio_pika.connect(settings.rabbitmq_url)
     async with connection:
         channel = await connection.channel()

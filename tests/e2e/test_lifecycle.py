@@ -65,8 +65,7 @@ async def test_cancel_before_due_sends_nothing_and_announces_it(
     assert row["status"] == "cancelled"
     assert row["status_reason"] == "customer called"
     assert receiver.calls == []
-    assert events.named("followup.cancelled", followup_id)
-    cancelled = events.named("followup.cancelled", followup_id)[0]
+    cancelled = await events.first("followup.cancelled", followup_id)
     assert {"followup_id", "contractor_id", "followup_type", "status", "occurred_at"} <= set(
         cancelled
     )
@@ -167,7 +166,7 @@ async def test_recurring_creates_and_arms_the_next_occurrence(
     next_local = following["scheduled_time"].astimezone(local.tzinfo)
     assert (next_local.hour, next_local.minute) == (local.hour, local.minute)
     assert next_local.date() == local.date() + timedelta(days=7)
-    assert events.named("followup.scheduled", following["id"])
+    await events.first("followup.scheduled", following["id"])
 
     await publish_command(bus, "followup.cancel_requested", {"followup_id": first_id})
 
@@ -200,7 +199,8 @@ async def test_completed_action_item_is_skipped_with_a_reason(
     assert rows[0]["status"] == "skipped"
     assert rows[0]["status_reason"] == "action_item_completed"
     assert receiver.calls == []
-    assert events.named("followup.skipped", followup_id)[0]["reason"] == "action_item_completed"
+    skipped = await events.first("followup.skipped", followup_id)
+    assert skipped["reason"] == "action_item_completed"
 
 
 async def test_stop_cancels_everything_pending_and_start_opts_back_in(
@@ -234,7 +234,7 @@ async def test_stop_cancels_everything_pending_and_start_opts_back_in(
     first = await _row(pool, first_id)
     assert first["response_text"] == "Stop"
     assert first["response_received_at"] is not None
-    assert events.named("followup.response_recorded", first_id)
+    await events.first("followup.response_recorded", first_id)
 
     await request_followup(bus, contractor, soon(2), idempotency_key="while-out")
     blocked = await _id_for(pool, "while-out")
