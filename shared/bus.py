@@ -28,13 +28,11 @@ class Publisher(Protocol):
     ) -> None: ...
 
 
-def make_broker(url: str, *, prefetch: int | None = None, logger: Any = None) -> RabbitBroker:
+def make_broker(url: str, *, logger: Any = None) -> RabbitBroker:
     """A broker whose publishes wait for the confirm and fail loudly when nothing routes them."""
     return RabbitBroker(
         url,
-        default_channel=Channel(
-            prefetch_count=prefetch, publisher_confirms=True, on_return_raises=True
-        ),
+        default_channel=Channel(publisher_confirms=True, on_return_raises=True),
         logger=logger,
         # "Received"/"Processed" for every message: debug detail, not the operator's log.
         log_level=logging.DEBUG,

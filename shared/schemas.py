@@ -28,7 +28,6 @@ MAX_HINTS_BYTES = 4 * 1024
 MAX_PAST = timedelta(days=365)
 MAX_FUTURE = timedelta(days=3650)
 
-NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 PositiveId = Annotated[int, Field(gt=0, le=2**63 - 1, strict=True)]  # a PostgreSQL bigint
 E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$")]
 _RFC3339_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]")
@@ -52,9 +51,6 @@ class Status(StrEnum):
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
     FAILED = "failed"
-
-
-FINAL_STATUSES = frozenset({Status.SENT, Status.CANCELLED, Status.SKIPPED, Status.FAILED})
 
 
 class _Inbound(BaseModel):
@@ -134,8 +130,6 @@ class ResponseReceived(_Inbound):
             raise ValueError("give contractor_id or phone")
         return self
 
-
-InboundCommand = FollowupRequested | CancelRequested | RescheduleRequested | ResponseReceived
 
 INBOUND: dict[str, type[_Inbound]] = {
     "followup.requested": FollowupRequested,

@@ -80,10 +80,6 @@ class Followup:
         return cls(**data)
 
     @property
-    def series(self) -> int:
-        return self.series_id or self.id
-
-    @property
     def text_is_ready(self) -> bool:
         return self.prepared_text is not None and self.prepared_version == self.version
 
