@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
 
+import uvloop
 from rich.console import Console
 
 from bench.runner import Selection, run
@@ -124,6 +124,12 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         default="quorum",
         help="DELAY_QUEUE_TYPE: queue type of the levels timer queues",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="processes of the scheduler and of the dispatcher each (scaling out on this machine)",
+    )
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL for the services")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
     parser.add_argument(
@@ -158,6 +164,7 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         dispatch_concurrency=args.dispatch_concurrency,
         queue_type=args.queue_type,
         log_level=args.log_level,
+        replicas=args.replicas,
         out=args.out,
         profile=args.profile,
     )
@@ -169,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     # A table this wide is cut on an 80-column default when the output is not a terminal.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
-        asyncio.run(run(plan, selection, console))
+        # On the services' event loop, so the receivers timing each call add little of their own.
+        uvloop.run(run(plan, selection, console))
     except KeyboardInterrupt:
         console.print("interrupted; everything started was stopped and dropped")
         return 130

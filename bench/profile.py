@@ -25,8 +25,14 @@ PLUMBING = re.compile(
 FRAME = re.compile(r"^(?P<function>.*) \((?P<path>[^()]*?)(?::\d+)?\)$")
 TOP = 15
 # A thread parked here is waiting, not working (anyio's idle worker threads, the event loop's
-# poll); py-spy counts such samples anyway, so they are set apart as `idle`.
-WAITING = ("Condition.wait (threading.py", "EpollSelector.select (selectors.py")
+# poll); py-spy counts such samples anyway, so they are set apart as `idle`. The services run on
+# uvloop, whose loop is C: its poll, and its own C work, show up as the Python frame that
+# started it (`Runner.run`), so that share is the loop's and counted as idle too.
+WAITING = (
+    "Condition.wait (threading.py",
+    "EpollSelector.select (selectors.py",
+    "Runner.run (asyncio/runners.py",
+)
 
 
 def py_spy() -> str:
@@ -81,7 +87,7 @@ def summarise(lines: Iterable[str]) -> dict[str, list[tuple[str, float]]]:
         "inclusive": [(name, round(n / busy * 100, 1)) for name, n in inclusive.most_common(TOP)],
         "samples": [
             ("total", float(total)),
-            ("idle %", round(idle / total * 100, 1)),
+            ("idle or inside uvloop's C loop %", round(idle / total * 100, 1)),
             ("busy samples through services/ or shared/ %", round(ours / busy * 100, 1)),
         ],
     }

@@ -23,6 +23,7 @@ class Selection:
     queue_type: str
     log_level: str
     out: Path | None
+    replicas: int = 1
     profile: Path | None = None
 
 
@@ -46,6 +47,7 @@ async def run(plan: Plan, selection: Selection, console: Console) -> list[Row]:
                 dispatch_concurrency=selection.dispatch_concurrency,
                 queue_type=selection.queue_type,
                 log_level=selection.log_level,
+                replicas=selection.replicas,
             )
             progress.say(f"{label} starting the stack (service logs in {options.log_dir})")
             try:

@@ -25,6 +25,8 @@ from tests.support.processes import ServiceSet
 from tests.support.webhook import WebhookReceiver
 
 SERVICES = ("scheduler", "personalizer", "dispatcher")
+# With --replicas N these run N processes each; one personalizer waits on the model, not on CPU.
+SCALED_OUT = ("scheduler", "dispatcher")
 AI_TEXT = "Hi there, a quick check-in about your paperwork. Thanks!"
 
 
@@ -39,6 +41,7 @@ class StackOptions:
     queue_type: str = "quorum"
     log_level: str = "INFO"
     contractors: int = 1000
+    replicas: int = 1  # processes of the scheduler and of the dispatcher each
 
 
 async def plugin_available() -> bool:
@@ -153,6 +156,9 @@ class Stack:
         self.services = ServiceSet(env, self.options.log_dir, SERVICES)
         # Starting blocks while it waits for each service; the receivers keep serving meanwhile.
         await asyncio.to_thread(self.services.start)
+        for replica in range(2, self.options.replicas + 1):
+            for name in SCALED_OUT:
+                await asyncio.to_thread(self.services.add, f"{name}-{replica}", name)
 
     async def _down(self) -> None:
         if self.services is not None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import aio_pika
+import aio_pika.abc
 from faststream.rabbit import Channel, RabbitBroker
 
+from shared.metrics import PUBLISHED, destination_label
 from shared.schemas import LifecycleEvent
 from shared.topology import DEAD_LETTER_EXCHANGE, PUBLIC_EXCHANGE
 
@@ -29,7 +33,8 @@ class Publisher(Protocol):
 
 
 def make_broker(url: str, *, logger: Any = None) -> RabbitBroker:
-    """A broker whose publishes wait for the confirm and fail loudly when nothing routes them."""
+    """The consuming side of a service; publishing goes through `AmqpPublisher`. The broker's
+    own publishes (tests) wait for the confirm and fail loudly when nothing routes them."""
     return RabbitBroker(
         url,
         default_channel=Channel(publisher_confirms=True, on_return_raises=True),
@@ -37,14 +42,77 @@ def make_broker(url: str, *, logger: Any = None) -> RabbitBroker:
         # "Received"/"Processed" for every message: debug detail, not the operator's log.
         log_level=logging.DEBUG,
         graceful_timeout=15.0,
+        # Subscribers take the delivery as it is (`work_queue_subscriber`); FastDepends would
+        # resolve that argument for every message in a worker thread.
+        apply_types=False,
     )
 
 
-class BrokerPublisher:
-    """Publisher on a connected FastStream broker: persistent JSON, confirmed."""
+# A publish the broker neither confirms nor refuses in this time (flow control, a partition)
+# fails, and the handler's retry takes over.
+PUBLISH_TIMEOUT_SECONDS = 30.0
 
-    def __init__(self, broker: RabbitBroker) -> None:
-        self._broker = broker
+
+class AmqpPublisher:
+    """Persistent, confirmed publishes on a connection of the publisher's own (aio-pika, robust:
+    it reconnects by itself). A `mandatory` publish that nothing routes raises.
+
+    Apart from the consumer's connection, the broker's flow control on publishing never holds
+    up the consumer's acks; and bypassing FastStream's publish path halves what a publish costs
+    in this process (a third of the scheduler's CPU went there)."""
+
+    def __init__(self, url: str, *, name: str = "cli") -> None:
+        """`name`: the service, in metrics and in the broker's list of connections."""
+        self._url = url
+        self._name = name
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+
+    async def connect(self) -> None:
+        connection = await aio_pika.connect_robust(
+            self._url,
+            client_properties={"connection_name": f"followups-{self._name} (publishing)"},
+        )
+        try:
+            self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection = connection
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = None
+        self._channel = None
+        self._exchanges.clear()
+
+    async def __aenter__(self) -> AmqpPublisher:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            if self._channel is None:
+                raise RuntimeError("the publisher is not connected: call connect() first")
+            # Declared by `declare_topology`: looked up without a round trip. The robust
+            # channel keeps this object valid across reconnects.
+            exchange = (
+                await self._channel.get_exchange(name, ensure=False)
+                if name
+                else self._channel.default_exchange
+            )
+            self._exchanges[name] = exchange
+        return exchange
 
     async def publish(
         self,
@@ -56,16 +124,19 @@ class BrokerPublisher:
         priority: int | None = None,
         mandatory: bool = True,
     ) -> None:
-        await self._broker.publish(
+        message = aio_pika.Message(
             body,
-            exchange=exchange,
-            routing_key=routing_key,
             headers=headers,
-            persist=True,
-            mandatory=mandatory,
             content_type=JSON,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             priority=priority,
+            timestamp=datetime.now(UTC),
         )
+        target = await self._exchange(exchange)
+        await target.publish(
+            message, routing_key=routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_SECONDS
+        )
+        PUBLISHED.labels(self._name, destination_label(exchange, routing_key)).inc()
 
 
 async def publish_event(publisher: Publisher, event: LifecycleEvent) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from faststream import AckPolicy
+from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
 from faststream.rabbit.message import RabbitMessage
 
 from shared.bus import Publisher, dead_letter
@@ -50,10 +52,25 @@ class Incoming:
 Handler = Callable[[Incoming], Awaitable[None]]
 
 
-async def raw_body(message: RabbitMessage) -> bytes:
-    """Subscriber decoder: the body stays bytes for `consume` to validate. FastStream's own JSON
-    decoding would fail on a malformed body before `consume` runs, leaving it unacked."""
-    return message.body
+async def undecoded(message: RabbitMessage) -> RabbitMessage:
+    """Subscriber decoder: the handler gets the delivery itself, its body still bytes, for
+    `consume` to validate and settle. FastStream's JSON decoding would fail on a malformed body
+    before `consume` runs, leaving it unacked."""
+    return message
+
+
+def work_queue_subscriber(
+    broker: RabbitBroker, queue: WorkQueue, *, prefetch: int
+) -> Callable[[Callable[[RabbitMessage], Awaitable[None]]], Any]:
+    """The one way a service subscribes to its work queue: manual acks, `prefetch` deliveries in
+    flight, each handed over undecoded. The broker runs without FastDepends (`make_broker`), so
+    the function receives exactly what `undecoded` returns."""
+    return broker.subscriber(
+        RabbitQueue(queue.name, queue_type=QueueType.QUORUM, declare=False),
+        ack_policy=AckPolicy.MANUAL,
+        channel=Channel(prefetch_count=prefetch),
+        decoder=undecoded,
+    )
 
 
 async def consume(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,29 +24,14 @@ from faststream.rabbit.prometheus.provider import RabbitMetricsSettingsProvider
 from faststream.rabbit.response import RabbitPublishCommand
 from prometheus_client import REGISTRY, make_asgi_app
 
+from shared.bus import AmqpPublisher
 from shared.logging import get_logger
-from shared.topology import DEAD_LETTER_EXCHANGE
+from shared.metrics import destination_label
 
 # One port per service, so `followups run all` serves three on one host; HTTP_PORT overrides it.
 DEFAULT_HTTP_PORTS = {"scheduler": 8081, "personalizer": 8082, "dispatcher": 8083}
 PROBE_TIMEOUT_SECONDS = 2.0
 OK = "ok"
-
-_TIMER_EXCHANGES = "followups.timers."
-_DELAY_BITS = re.compile(r"^(?:[01]\.)+")
-
-
-def destination_label(exchange: str, routing_key: str) -> str:
-    """A bounded metric label for where a message went or came from.
-
-    Timer routing keys spell each delay in binary, one word per bit: kept as they are, every delay
-    would be a new time series. Only the destination queue at their end is kept.
-    """
-    if exchange.startswith(_TIMER_EXCHANGES):
-        return f"followups.timers.{_DELAY_BITS.sub('', routing_key)}"
-    if exchange == DEAD_LETTER_EXCHANGE:
-        return f"{exchange}.{routing_key}"
-    return f"{exchange or 'default'}.{routing_key}"
 
 
 class FollowupsMetricsProvider(RabbitMetricsSettingsProvider):
@@ -77,6 +61,7 @@ class Readiness:
     """Whether the service can do its work now. `pool` is set once the service has started."""
 
     broker: RabbitBroker
+    publisher: AmqpPublisher
     pool: asyncpg.Pool | None = None
     timeout: float = PROBE_TIMEOUT_SECONDS
 
@@ -86,6 +71,8 @@ class Readiness:
         return {"broker": broker, "database": database, "consumer": self.check_consumer()}
 
     async def check_broker(self) -> str:
+        if not self.publisher.is_connected:
+            return "publishing connection down"
         return OK if await self.broker.ping(timeout=self.timeout) else "not connected"
 
     async def check_database(self) -> str:

@@ -5,7 +5,28 @@ Labels never carry personal data: no phone numbers, message text, hints or free-
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import Counter, Histogram
+
+from shared.topology import DEAD_LETTER_EXCHANGE
+
+_TIMER_EXCHANGES = "followups.timers."
+_DELAY_BITS = re.compile(r"^(?:[01]\.)+")
+
+
+def destination_label(exchange: str, routing_key: str) -> str:
+    """A bounded metric label for where a message went or came from.
+
+    Timer routing keys spell each delay in binary, one word per bit: kept as they are, every delay
+    would be a new time series. Only the destination queue at their end is kept.
+    """
+    if exchange.startswith(_TIMER_EXCHANGES):
+        return f"followups.timers.{_DELAY_BITS.sub('', routing_key)}"
+    if exchange == DEAD_LETTER_EXCHANGE:
+        return f"{exchange}.{routing_key}"
+    return f"{exchange or 'default'}.{routing_key}"
+
 
 MESSAGES = Counter(
     "followups_messages_total",
@@ -22,10 +43,20 @@ TIMERS_ARMED = Counter(
     "Timers armed, by backend and destination",
     ["backend", "destination"],
 )
+PUBLISHED = Counter(
+    "followups_published_total",
+    "Messages published and confirmed by the broker, by service and destination",
+    ["service", "destination"],
+)
 SEND_LATENESS = Histogram(
     "followups_send_lateness_seconds",
     "Webhook call start minus scheduled_time",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+TIMER_LATENESS = Histogram(
+    "followups_timer_lateness_seconds",
+    "Send timer arrival minus its fire time; near DISPATCH_MARGIN_MS, sends start to be late",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 SENDS = Counter(
     "followups_sends_total", "Webhook calls, by outcome (sent, retry, failed)", ["outcome"]

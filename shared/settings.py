@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     openai_model: str = "gpt-4o-mini"
     prompt_variants: str = "standard"  # names with optional weights: "standard:2,question:1"
     personalize_lead_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60
+    # Model calls in flight per personalizer; a call waits on the model, not on this process.
+    personalize_concurrency: Annotated[int, Field(ge=1, le=1000)] = 64
 
     n8n_outbound_webhook_url: AnyHttpUrl | None = None
     webhook_signing_secret: SecretStr | None = None

@@ -181,6 +181,13 @@ def make_timer(backend: DelayBackend, publisher: Publisher, clock: Clock = utcno
     raise ValueError("resolve DELAY_BACKEND=auto with resolve_backend() first")
 
 
+async def sleep_until(moment: datetime, clock: Clock = utcnow) -> None:
+    """Returns at `moment` by `clock`, never before. An event loop's own timer may wake up to a
+    millisecond early (uvloop counts whole milliseconds), so the wall clock has the last word."""
+    while (ahead := (moment - clock()).total_seconds()) > 0:  # noqa: ASYNC110 (a wall-clock moment, no event)
+        await asyncio.sleep(ahead)
+
+
 # Within this much of its instant a timer is waited for in place; beyond it, armed again.
 SHORT_WAIT = timedelta(seconds=1)
 
@@ -198,7 +205,7 @@ async def wait_until_due(
     if ahead <= timedelta(0):
         return True
     if ahead <= SHORT_WAIT:
-        await asyncio.sleep(ahead.total_seconds())
+        await sleep_until(clock() + ahead, clock)
         return True
     fire_at = clock() + ahead
     passthrough = {k: v for k, v in headers.items() if k not in (FIRE_AT_HEADER, "x-delay")}

@@ -97,13 +97,11 @@ def publish_command(settings: Settings, routing_key: str, body: dict[str, Any]) 
         raise fail(f"{exc.rule}: {exc.detail}", 2) from None
 
     async def _send() -> None:
-        from shared.bus import BrokerPublisher, make_broker
+        from shared.bus import AmqpPublisher
         from shared.topology import PUBLIC_EXCHANGE
 
-        broker = make_broker(settings.rabbitmq_url)
-        async with broker:
-            await broker.connect()
-            await BrokerPublisher(broker).publish(
+        async with AmqpPublisher(settings.rabbitmq_url) as publisher:
+            await publisher.publish(
                 raw, exchange=PUBLIC_EXCHANGE, routing_key=routing_key, mandatory=False
             )
 

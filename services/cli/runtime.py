@@ -11,6 +11,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+import uvloop
 
 from services.cli.common import console, fail, load_settings
 
@@ -77,7 +78,8 @@ def run(
         raise fail(f"{service} cannot start: {exc}", 2) from None
     if not isinstance(app, ServiceApp):
         raise fail(f"services.{service}.app.create_app must return a ServiceApp")
-    asyncio.run(app.serve(settings.http_host, settings.http_port))
+    # uvloop's C event loop and transports halve the per-message cost of the loop itself.
+    uvloop.run(app.serve(settings.http_host, settings.http_port))
 
 
 def _run_all() -> int:

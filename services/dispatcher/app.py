@@ -29,16 +29,19 @@ def make_gateway(settings: Settings) -> Gateway:
     check_webhook_target(
         str(settings.n8n_outbound_webhook_url), allow_insecure=settings.webhook_allow_insecure
     )
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.webhook_timeout_seconds, connect=5.0),
-        follow_redirects=False,
-        limits=httpx.Limits(max_connections=settings.dispatch_concurrency),
+    transport = httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_connections=settings.dispatch_concurrency)
     )
     secret = settings.webhook_signing_secret
     if secret:
         check_signing_secret(secret.get_secret_value())
     signer = Webhook(secret.get_secret_value()) if secret else None
-    return WebhookGateway(str(settings.n8n_outbound_webhook_url), client, signer)
+    return WebhookGateway(
+        str(settings.n8n_outbound_webhook_url),
+        transport,
+        signer,
+        httpx.Timeout(settings.webhook_timeout_seconds, connect=5.0),
+    )
 
 
 def create_app(settings: Settings) -> FastStream:

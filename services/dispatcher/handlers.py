@@ -17,14 +17,21 @@ from shared.db import persist
 from shared.events import announce
 from shared.faults import crash_point
 from shared.logging import get_logger
-from shared.metrics import MESSAGES, RATE_LIMIT_WAITS, RETRIES, SEND_LATENESS, SENDS
+from shared.metrics import (
+    MESSAGES,
+    RATE_LIMIT_WAITS,
+    RETRIES,
+    SEND_LATENESS,
+    SENDS,
+    TIMER_LATENESS,
+)
 from shared.phones import InvalidPhone, to_e164
 from shared.pipeline import arm_dispatch, series_plan
 from shared.schemas import Status, TimerKind, TimerMessage, parse_timer
 from shared.settings import QuietHours
 from shared.store import Context, Followup, FollowupStore, NextOccurrence
 from shared.templates import TemplateContext, TemplateError, render
-from shared.timers import Clock, Timer, wait_until_due
+from shared.timers import Clock, Timer, remaining, sleep_until, wait_until_due
 from shared.topology import DISPATCHER_DUE
 
 log = get_logger("followups.dispatcher")
@@ -70,6 +77,7 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
     if due.kind is not TimerKind.DISPATCH:
         log.warning("timer of another kind dropped", kind=due.kind, followup_id=due.followup_id)
         return
+    TIMER_LATENESS.observe(max(0.0, -remaining(incoming.headers, deps.clock()).total_seconds()))
     if not await wait_until_due(
         deps.timer, DISPATCHER_DUE.name, incoming.body, incoming.headers, deps.clock
     ):
@@ -176,9 +184,7 @@ class PreparedSend:
 
 async def _call(send: PreparedSend, deps: DispatcherDeps) -> None:
     # Claimed and checked ahead of time; now the exact instant. Never before it.
-    ahead = (send.row.scheduled_time - deps.clock()).total_seconds()
-    if ahead > 0:
-        await asyncio.sleep(ahead)
+    await sleep_until(send.row.scheduled_time, deps.clock)
     async with deps.calls_in_flight:
         await _call_now(send, deps)
 

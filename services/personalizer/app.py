@@ -51,7 +51,13 @@ def create_app(settings: Settings) -> FastStream:
         )
         return partial(handle, deps=deps)
 
-    app = create_service_app("personalizer", settings, PERSONALIZER_DUE, _handler, prefetch=16)
+    app = create_service_app(
+        "personalizer",
+        settings,
+        PERSONALIZER_DUE,
+        _handler,
+        prefetch=settings.personalize_concurrency,
+    )
     if writer is not None:
         app.after_shutdown(writer.aclose)
     return app

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from shared.bus import BrokerPublisher, make_broker
+from shared.bus import AmqpPublisher
 from shared.settings import Settings
 from shared.topology import PUBLIC_EXCHANGE
 from tests.support.processes import ServiceSet
@@ -76,15 +76,13 @@ def start_services(settings, receiver, tmp_path: Path) -> Iterator[Callable[...,
 
 
 @pytest.fixture
-async def bus(settings) -> AsyncIterator[BrokerPublisher]:
-    broker = make_broker(settings.rabbitmq_url)
-    await broker.connect()
-    yield BrokerPublisher(broker)
-    await broker.stop()
+async def bus(settings) -> AsyncIterator[AmqpPublisher]:
+    async with AmqpPublisher(settings.rabbitmq_url, name="tests") as publisher:
+        yield publisher
 
 
 async def request_followup(
-    bus: BrokerPublisher, contractor_id: int, due: datetime, **extra: Any
+    bus: AmqpPublisher, contractor_id: int, due: datetime, **extra: Any
 ) -> None:
     body = {
         "contractor_id": contractor_id,
@@ -160,7 +158,7 @@ async def events(settings) -> AsyncIterator[EventLog]:
     await connection.close()
 
 
-async def publish_command(bus: BrokerPublisher, routing_key: str, body: dict[str, Any]) -> None:
+async def publish_command(bus: AmqpPublisher, routing_key: str, body: dict[str, Any]) -> None:
     await bus.publish(
         json.dumps(body, default=str).encode(),
         exchange=PUBLIC_EXCHANGE,

@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from shared.bus import BrokerPublisher, make_broker
+from shared.bus import AmqpPublisher, make_broker
 from shared.settings import Settings
 from shared.store import FollowupStore
 from shared.timers import LevelsTimer
@@ -20,8 +20,9 @@ async def broker(settings: Settings) -> AsyncIterator:
 
 
 @pytest.fixture
-def publisher(broker) -> BrokerPublisher:
-    return BrokerPublisher(broker)
+async def publisher(settings: Settings) -> AsyncIterator[AmqpPublisher]:
+    async with AmqpPublisher(settings.rabbitmq_url, name="tests") as publisher:
+        yield publisher
 
 
 @pytest.fixture

@@ -6,12 +6,10 @@ import asyncio
 import uuid
 
 import aio_pika
-from faststream import AckPolicy
-from faststream.rabbit import QueueType, RabbitQueue
-from faststream.rabbit.annotations import RabbitMessage
+from faststream.rabbit.message import RabbitMessage
 
-from shared.bus import BrokerPublisher, make_broker
-from shared.consumer import Incoming, consume
+from shared.bus import AmqpPublisher, make_broker
+from shared.consumer import Incoming, consume, work_queue_subscriber
 from shared.topology import DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT, WorkQueue
 
 
@@ -35,16 +33,14 @@ async def test_poison_message_is_dead_lettered_after_the_delivery_limit(settings
         handled.append(incoming.body)
 
     broker = make_broker(settings.rabbitmq_url)
-    publisher = BrokerPublisher(broker)
+    publisher = AmqpPublisher(settings.rabbitmq_url, name="tests")
 
-    @broker.subscriber(
-        RabbitQueue(work.name, queue_type=QueueType.QUORUM, declare=False),
-        ack_policy=AckPolicy.MANUAL,
-    )
+    @work_queue_subscriber(broker, work, prefetch=10)
     async def on_message(message: RabbitMessage) -> None:
         await consume(message, work, handler, publisher)
 
     try:
+        await publisher.connect()
         await broker.start()
         await broker.publish(b"poison", queue=work.name, persist=True)
         dead = None
@@ -61,6 +57,7 @@ async def test_poison_message_is_dead_lettered_after_the_delivery_limit(settings
             await asyncio.sleep(0.1)
     finally:
         await broker.stop()
+        await publisher.close()
         await channel.queue_delete(work.name)
         await channel.queue_delete(work.dead_letter_queue)
         await connection.close()

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import pytest
-from faststream.rabbit import RabbitBroker
 
 from shared.settings import DelayBackend
 from shared.timers import (
@@ -92,15 +91,15 @@ async def test_plugin_backend_live_where_the_broker_has_it(settings):
             "this RabbitMQ has no x-delayed-message plugin (Debian's package lacks it); "
             "its message format is tested in tests/unit/test_timers.py"
         )
-    from shared.bus import BrokerPublisher, make_broker
+    from shared.bus import AmqpPublisher
 
     connection, queue = await _destination(
         settings.rabbitmq_url, TIMER_PLUGIN_EXCHANGE, lambda name: name
     )
-    broker: RabbitBroker = make_broker(settings.rabbitmq_url)
-    await broker.connect()
+    publisher = AmqpPublisher(settings.rabbitmq_url, name="tests")
+    await publisher.connect()
     try:
-        timer = PluginTimer(BrokerPublisher(broker))
+        timer = PluginTimer(publisher)
         now = datetime.now(UTC)
         await asyncio.gather(
             *(
@@ -111,5 +110,5 @@ async def test_plugin_backend_live_where_the_broker_has_it(settings):
         async with connection:
             received = await _collect(queue, 50, timeout=20)
     finally:
-        await broker.stop()
+        await publisher.close()
     assert min(_lateness_ms(received)) >= 0

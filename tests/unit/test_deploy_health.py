@@ -7,15 +7,18 @@ import pytest
 from faststream.asgi import AsgiFastStream
 from faststream.rabbit import RabbitBroker
 
-from shared.health import OK, Readiness, destination_label, http_routes
-from shared.metrics import MESSAGES
+from shared.bus import AmqpPublisher
+from shared.health import OK, Readiness, http_routes
+from shared.metrics import MESSAGES, destination_label
+
+UNREACHABLE = "amqp://guest:guest@127.0.0.1:1/"
 
 
 class ScriptedReadiness(Readiness):
     """The real readiness with each dependency's answer given by the test."""
 
     def __init__(self, broker: str = OK, database: str = OK, consumer: str = OK) -> None:
-        super().__init__(RabbitBroker("amqp://guest:guest@127.0.0.1:1/"))
+        super().__init__(RabbitBroker(UNREACHABLE), AmqpPublisher(UNREACHABLE))
         self.answers = {"broker": broker, "database": database, "consumer": consumer}
 
     async def check_broker(self) -> str:
@@ -66,10 +69,10 @@ async def test_liveness_does_not_depend_on_anything():
 
 
 async def test_unstarted_service_is_not_ready():
-    readiness = Readiness(RabbitBroker("amqp://guest:guest@127.0.0.1:1/"))
+    readiness = Readiness(RabbitBroker(UNREACHABLE), AmqpPublisher(UNREACHABLE))
     assert await readiness.check_database() == "not started"
     assert readiness.check_consumer() == "not consuming"
-    assert await readiness.check_broker() == "not connected"
+    assert await readiness.check_broker() == "publishing connection down"
 
 
 async def test_metrics_are_served_in_prometheus_text():

@@ -15,6 +15,7 @@ from shared.timers import (
     levels_routing_key,
     plugin_headers,
     remaining,
+    sleep_until,
     to_epoch_ms,
     wait_until_due,
 )
@@ -191,3 +192,19 @@ async def test_a_timer_past_the_horizon_is_armed_again_when_it_fires():
     clock_now[0] = NOW + timedelta(seconds=3.5)
     assert await wait_until_due(timer, "q", body, headers, lambda: clock_now[0]) is True
     assert len(timer.armed) == 2
+
+
+async def test_sleep_until_trusts_the_wall_clock_over_an_early_waking_loop():
+    # The loop wakes "on time" by its own count, but the wall clock still says 1 ms to go,
+    # then 0.2 ms: the wait goes on until the clock reaches the moment.
+    readings = iter([NOW, NOW + timedelta(milliseconds=4), NOW + timedelta(microseconds=4_800)])
+    last = [NOW]
+
+    def clock() -> datetime:
+        last[0] = next(readings, NOW + timedelta(milliseconds=5))
+        return last[0]
+
+    moment = NOW + timedelta(milliseconds=5)
+    await sleep_until(moment, clock)
+    assert last[0] >= moment
+    assert next(readings, None) is None

@@ -1,0 +1,50 @@
+"""The services' publisher against the real broker: confirmed, persistent, loud when unroutable."""
+
+from __future__ import annotations
+
+import uuid
+
+import aio_pika
+import pytest
+
+from shared.bus import AmqpPublisher
+from shared.metrics import PUBLISHED
+from shared.topology import PUBLIC_EXCHANGE
+
+
+async def test_publish_is_confirmed_persistent_json_with_its_headers(settings, publisher):
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        routing_key = f"test.{uuid.uuid4().hex[:8]}"
+        await queue.bind(PUBLIC_EXCHANGE, routing_key)
+        before = PUBLISHED.labels("tests", f"{PUBLIC_EXCHANGE}.{routing_key}")._value.get()
+
+        await publisher.publish(
+            b'{"a": 1}', exchange=PUBLIC_EXCHANGE, routing_key=routing_key, headers={"x-n": 7}
+        )
+
+        message = await queue.get(timeout=5)
+        await message.ack()
+    assert message.body == b'{"a": 1}'
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.headers["x-n"] == 7
+    assert message.timestamp is not None
+    after = PUBLISHED.labels("tests", f"{PUBLIC_EXCHANGE}.{routing_key}")._value.get()
+    assert after == before + 1
+
+
+async def test_an_unroutable_mandatory_publish_raises_and_an_optional_one_does_not(publisher):
+    nowhere = f"nobody.listens.{uuid.uuid4().hex[:8]}"
+    with pytest.raises(aio_pika.exceptions.DeliveryError):
+        await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key=nowhere)
+    await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key=nowhere, mandatory=False)
+
+
+async def test_publishing_before_connecting_says_what_to_do(settings):
+    publisher = AmqpPublisher(settings.rabbitmq_url, name="tests")
+    with pytest.raises(RuntimeError, match="connect"):
+        await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key="x")
+    assert not publisher.is_connected
