@@ -14,26 +14,13 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from services.dispatcher.app import make_gateway
-from services.dispatcher.gateway import Outcome, SmsRequest, WebhookGateway
+from services.dispatcher.gateway import Outcome, WebhookGateway
 from shared.settings import Settings
+from tests.support.data import sms
 from tests.support.webhook import Call, Reply, WebhookReceiver
 
 SECRET = "whsec_" + base64.b64encode(b"followups-signing-key-for-tests-32b").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"a-different-key-of-thirty-two-by").decode()
-
-
-def sms(followup_id: int = 41) -> SmsRequest:
-    return SmsRequest(
-        phone="+14155552671",
-        message="Hi Sam, a quick check-in from Rivera Roofing.",
-        contractor_id=7,
-        followup_id=followup_id,
-        followup_type="check_in",
-        scheduled_time=datetime(2026, 11, 28, 12, 0, tzinfo=UTC),
-        idempotency_key=f"6f1c2a8e-0000-4000-8000-{followup_id:012d}",
-        attempt=1,
-        priority=0,
-    )
 
 
 def verifying(secret: str):

@@ -1,8 +1,12 @@
-"""Rows the tests need: contractors, action items, events."""
+"""What the tests need: rows (contractors, action items, events) and a ready SMS request."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import asyncpg
+
+from services.dispatcher.gateway import SmsRequest
 
 
 async def add_contractor(
@@ -47,3 +51,17 @@ async def add_event(pool: asyncpg.Pool, *, name: str = "Spring Expo") -> int:
         name,
     )
     return event_id
+
+
+def sms(followup_id: int = 41) -> SmsRequest:
+    return SmsRequest(
+        phone="+14155552671",
+        message="Hi Sam, a quick check-in from Rivera Roofing.",
+        contractor_id=7,
+        followup_id=followup_id,
+        followup_type="check_in",
+        scheduled_time=datetime(2026, 11, 28, 12, 0, tzinfo=UTC),
+        idempotency_key=f"6f1c2a8e-0000-4000-8000-{followup_id:012d}",
+        attempt=1,
+        priority=0,
+    )
