@@ -6,6 +6,7 @@ to its queue (nack with requeue) when the operation ends, even when it fails hal
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -117,6 +118,10 @@ class Outcome:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
+GIVE_BACK_POLLS = 50
+GIVE_BACK_PAUSE_SECONDS = 0.1
+
+
 class DeadLetterQueue:
     """One work queue's dead-letter queue on an open channel."""
 
@@ -148,7 +153,7 @@ class DeadLetterQueue:
                 progress()
             return [DeadLetter.of(m) for m in held]
         finally:
-            await _give_back(held)
+            await self._give_back(held)
 
     async def replay(
         self, *, limit: int, dry_run: bool, progress: Callable[[], None] = lambda: None
@@ -176,7 +181,7 @@ class DeadLetterQueue:
                 await message.ack()
                 outcome.replayed += 1
         finally:
-            await _give_back(held)
+            await self._give_back(held)
         return outcome
 
     async def _republish(self, letter: DeadLetter, public: aio_pika.abc.AbstractExchange) -> None:
@@ -197,10 +202,23 @@ class DeadLetterQueue:
         result = await self._queue.purge()
         return int(result.message_count or 0)
 
+    async def _give_back(self, held: list[AbstractIncomingMessage]) -> None:
+        """Requeue what was held, then wait (a few seconds at most) until the queue counts it
+        again: the broker requeues asynchronously, and a `replay` run right after a `list`
+        must find every message where the `list` found it."""
+        if not held:
+            return
+        expected = await self._ready() + len(held)
+        for message in held:
+            await message.nack(requeue=True)
+        for _ in range(GIVE_BACK_POLLS):
+            if await self._ready() >= expected:
+                return
+            await asyncio.sleep(GIVE_BACK_PAUSE_SECONDS)
 
-async def _give_back(held: list[AbstractIncomingMessage]) -> None:
-    for message in held:
-        await message.nack(requeue=True)
+    async def _ready(self) -> int:
+        result = await self._queue.declare()
+        return int(result.message_count or 0)
 
 
 @asynccontextmanager
