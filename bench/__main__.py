@@ -130,6 +130,13 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         default=1,
         help="processes of the scheduler and of the dispatcher each (scaling out on this machine)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each scenario this many times, each on a fresh stack (a row per run): "
+        "on a shared machine the tail of one run says little",
+    )
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL for the services")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
     parser.add_argument(
@@ -165,6 +172,7 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         queue_type=args.queue_type,
         log_level=args.log_level,
         replicas=args.replicas,
+        repeat=args.repeat,
         out=args.out,
         profile=args.profile,
     )

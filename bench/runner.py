@@ -24,6 +24,7 @@ class Selection:
     log_level: str
     out: Path | None
     replicas: int = 1
+    repeat: int = 1
     profile: Path | None = None
 
 
@@ -32,32 +33,40 @@ async def run(plan: Plan, selection: Selection, console: Console) -> list[Row]:
     log_root = RESULTS / f"{time.strftime('%Y%m%dT%H%M%S')}-logs"
     rows: list[Row] = []
     has_plugin = await plugin_available() if "plugin" in selection.backends else False
-    for scenario in selection.scenarios:
-        for backend in selection.backends:
-            label = f"[{scenario}/{backend}]"
-            if backend == "plugin" and not has_plugin:
+    runs = [
+        (scenario, backend, attempt)
+        for scenario in selection.scenarios
+        for backend in selection.backends
+        for attempt in range(1, selection.repeat + 1)
+    ]
+    for scenario, backend, attempt in runs:
+        name = f"{scenario} #{attempt}" if selection.repeat > 1 else scenario
+        label = f"[{name}/{backend}]"
+        if backend == "plugin" and not has_plugin:
+            if attempt == 1:
                 progress.say(f"{label} not available on this broker: skipped")
                 rows.append(Row(scenario, backend, available=False))
-                continue
-            options = StackOptions(
-                backend=backend,
-                log_dir=log_root / f"{scenario}-{backend}",
-                ai_delay=plan.ai_delay if scenario in NEEDS_AI else None,
-                lead=plan.lead,
-                dispatch_concurrency=selection.dispatch_concurrency,
-                queue_type=selection.queue_type,
-                log_level=selection.log_level,
-                replicas=selection.replicas,
-            )
-            progress.say(f"{label} starting the stack (service logs in {options.log_dir})")
-            try:
-                row = await _one(scenario, options, plan, selection, progress)
-            except Exception as exc:
-                # The machine is shared (someone may stop the broker): keep the other rows.
-                progress.say(f"{label} failed: {exc!r}")
-                row = Row(scenario, backend, notes=[f"failed: {exc!r}"[:400]])
-            rows.append(row)
-            progress.say(f"{label} done: {summary(row)}")
+            continue
+        options = StackOptions(
+            backend=backend,
+            log_dir=log_root / f"{name.replace(' #', '-')}-{backend}",
+            ai_delay=plan.ai_delay if scenario in NEEDS_AI else None,
+            lead=plan.lead,
+            dispatch_concurrency=selection.dispatch_concurrency,
+            queue_type=selection.queue_type,
+            log_level=selection.log_level,
+            replicas=selection.replicas,
+        )
+        progress.say(f"{label} starting the stack (service logs in {options.log_dir})")
+        try:
+            row = await _one(scenario, options, plan, selection, progress)
+        except Exception as exc:
+            # The machine is shared (someone may stop the broker): keep the other rows.
+            progress.say(f"{label} failed: {exc!r}")
+            row = Row(scenario, backend, notes=[f"failed: {exc!r}"[:400]])
+        row.scenario = name
+        rows.append(row)
+        progress.say(f"{label} done: {summary(row)}")
     print_report(console, rows)
     settings = {**dataclasses.asdict(plan), **dataclasses.asdict(selection)}
     path = write_json(rows, settings, selection.out)
