@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from services.dispatcher.app import make_gateway
-from services.dispatcher.gateway import Outcome, WebhookGateway
+from services.dispatcher.gateway import GatewayResult, Outcome, WebhookGateway
 from shared.settings import Settings
 from tests.support.data import sms
 from tests.support.loopback import free_port
@@ -31,6 +31,16 @@ async def _served(reply: Reply, **kw: float) -> tuple[WebhookReceiver, WebhookGa
     return receiver, gateway(receiver.url, **kw)
 
 
+async def answer_to(reply: Reply, **kw: float) -> GatewayResult:
+    """What one call becomes when the webhook answers with `reply`."""
+    receiver, target = await _served(reply, **kw)
+    try:
+        return await target.send(sms())
+    finally:
+        await target.aclose()
+        await receiver.stop()
+
+
 async def test_a_2xx_is_sent_and_the_call_carries_the_contract_payload():
     receiver, target = await _served(Reply(200))
     try:
@@ -48,32 +58,17 @@ async def test_a_2xx_is_sent_and_the_call_carries_the_contract_payload():
 
 
 async def test_a_503_with_retry_after_is_retried_after_that_long():
-    receiver, target = await _served(Reply(503, headers={"Retry-After": "7"}))
-    try:
-        result = await target.send(sms())
-    finally:
-        await target.aclose()
-        await receiver.stop()
+    result = await answer_to(Reply(503, headers={"Retry-After": "7"}))
     assert (result.outcome, result.http_status, result.retry_after) == (Outcome.RETRY, 503, 7.0)
 
 
 async def test_a_400_fails_for_good():
-    receiver, target = await _served(Reply(400))
-    try:
-        result = await target.send(sms())
-    finally:
-        await target.aclose()
-        await receiver.stop()
+    result = await answer_to(Reply(400))
     assert (result.outcome, result.reason) == (Outcome.FAILED, "http_400")
 
 
 async def test_a_webhook_slower_than_the_timeout_is_retried():
-    receiver, target = await _served(Reply(200, delay=2.0), timeout=0.3)
-    try:
-        result = await target.send(sms())
-    finally:
-        await target.aclose()
-        await receiver.stop()
+    result = await answer_to(Reply(200, delay=2.0), timeout=0.3)
     assert (result.outcome, result.reason) == (Outcome.RETRY, "timeout")
 
 
