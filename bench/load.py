@@ -1,19 +1,17 @@
 """Load as other services would send it: `followup.requested` on exchange `followups`, published
-with pipelined confirms (many publishes in flight on one channel, each one confirmed)."""
+with pipelined confirms (many publishes in flight on the services' own publisher, each one
+confirmed)."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from functools import partial
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
-
+from shared.bus import Publisher
 from shared.topology import PUBLIC_EXCHANGE
 
 TEMPLATE = "Hi {first_name}, a quick check-in from {company_name}."
@@ -37,60 +35,6 @@ def request_body(
     ).encode()
 
 
-class PipelinedPublisher:
-    """Implements shared.bus.Publisher on a few aio-pika channels with confirms, taken in turn.
-    Each publish still waits for its own confirm; callers keep many in flight with
-    `in_windows`."""
-
-    def __init__(
-        self, connection: AbstractRobustConnection, channels: Sequence[AbstractChannel]
-    ) -> None:
-        self._connection = connection
-        self._channels = itertools.cycle(channels)
-        self._exchanges: dict[tuple[int, str], AbstractExchange] = {}
-
-    @classmethod
-    async def connect(cls, url: str, channels: int = 1) -> PipelinedPublisher:
-        connection = await aio_pika.connect_robust(url)
-        opened = [await connection.channel(publisher_confirms=True) for _ in range(channels)]
-        return cls(connection, opened)
-
-    async def close(self) -> None:
-        await self._connection.close()
-
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str,
-        routing_key: str,
-        headers: dict[str, Any] | None = None,
-        priority: int | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        channel = next(self._channels)
-        target = self._exchanges.get((id(channel), exchange))
-        if target is None:
-            target = await channel.get_exchange(exchange, ensure=False)
-            self._exchanges[(id(channel), exchange)] = target
-        await target.publish(
-            aio_pika.Message(
-                body,
-                headers=headers,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                priority=priority,
-            ),
-            routing_key=routing_key,
-            mandatory=mandatory,
-        )
-
-    async def request(self, body: bytes) -> None:
-        await self.publish(
-            body, exchange=PUBLIC_EXCHANGE, routing_key="followup.requested", mandatory=False
-        )
-
-
 async def in_windows(
     jobs: Sequence[Callable[[], Awaitable[None]]],
     window: int,
@@ -106,10 +50,20 @@ async def in_windows(
 
 
 async def publish_requests(
-    publisher: PipelinedPublisher,
+    publisher: Publisher,
     bodies: Sequence[bytes],
     window: int = 1000,
     on_progress: OnProgress | None = None,
 ) -> float:
-    jobs = [lambda body=body: publisher.request(body) for body in bodies]
+    """`followup.requested` as other services publish it, `window` confirms in flight."""
+    jobs = [
+        partial(
+            publisher.publish,
+            body,
+            exchange=PUBLIC_EXCHANGE,
+            routing_key="followup.requested",
+            mandatory=False,
+        )
+        for body in bodies
+    ]
     return await in_windows(jobs, window, on_progress)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
-from bench.load import TEMPLATE, PipelinedPublisher, in_windows, publish_requests, request_body
+from bench.load import TEMPLATE, in_windows, publish_requests, request_body
 from bench.measure import count_rows, max_id
 from bench.probes import (
     backend_rss_mb,
@@ -29,6 +29,7 @@ from bench.probes import (
 )
 from bench.progress import Progress
 from bench.stack import Stack
+from shared.bus import AmqpPublisher
 from shared.pipeline import arm
 from shared.schemas import TimerKind, TimerMessage
 from shared.settings import DelayBackend
@@ -91,17 +92,14 @@ PendingRow = tuple[int, int, datetime]  # id, version, scheduled_time
 async def _arm_rows(
     url: str, backend: str, lead: float, rows: list[PendingRow], window: int
 ) -> None:
-    publisher = await PipelinedPublisher.connect(url)
-    timer = make_timer(DelayBackend(backend), publisher)
-    try:
+    async with AmqpPublisher(url, name="bench") as publisher:
+        timer = make_timer(DelayBackend(backend), publisher)
         jobs = [
             partial(arm, timer, destination, message)
             for row in rows
             for destination, message in _timers(row, timedelta(seconds=lead))
         ]
         await in_windows(jobs, window)
-    finally:
-        await publisher.close()
 
 
 def arm_rows(url: str, backend: str, lead: float, rows: list[PendingRow], window: int) -> None:
@@ -151,10 +149,13 @@ async def load_direct(
                 )
             )
             tracker.update(last)
-    seconds = time.monotonic() - started
+    return _loaded(count, "direct", time.monotonic() - started)
+
+
+def _loaded(count: int, method: str, seconds: float) -> dict[str, Any]:
     return {
         "count": count,
-        "method": "direct",
+        "method": method,
         "seconds": round(seconds, 1),
         "rows_per_second": count / seconds if seconds else None,
     }
@@ -167,9 +168,8 @@ async def load_through_scheduler(
     start = _spread_start()
     step = timedelta(days=SPAN_DAYS) / max(count, 1)
     ids = stack.contractor_ids
-    publisher = await PipelinedPublisher.connect(stack.rabbitmq_url)
     started = time.monotonic()
-    try:
+    async with AmqpPublisher(stack.rabbitmq_url, name="bench") as publisher:
         with progress.track("pending: requests (through the scheduler)", count) as tracker:
             for first in range(0, count, BATCH):
                 last = min(first + BATCH, count)
@@ -183,15 +183,7 @@ async def load_through_scheduler(
                 tracker.update(stored, "stored")
                 await asyncio.sleep(0.5)
             tracker.update(count, "stored")
-    finally:
-        await publisher.close()
-    seconds = time.monotonic() - started
-    return {
-        "count": count,
-        "method": "scheduler",
-        "seconds": round(seconds, 1),
-        "rows_per_second": count / seconds if seconds else None,
-    }
+    return _loaded(count, "scheduler", time.monotonic() - started)
 
 
 async def memory_snapshot(stack: Stack) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.load import PipelinedPublisher, publish_requests, request_body
+from bench.load import publish_requests, request_body
 from bench.measure import (
     deliveries,
     dispatcher_lateness,
@@ -27,6 +27,7 @@ from bench.progress import Progress
 from bench.report import Row
 from bench.stack import Stack
 from bench.stats import flatness, mean_rate, peak_rate
+from shared.bus import AmqpPublisher
 from shared.topology import TIMER_LEVEL_PREFIX
 
 GRACE = 1.5  # seconds to wait after the last expected call, so late duplicates are seen
@@ -71,12 +72,9 @@ async def _schedule(
         request_body(f"{label}-{i}", ids[i % len(ids)], moment, personalize=personalize)
         for i, moment in enumerate(times)
     ]
-    publisher = await PipelinedPublisher.connect(stack.rabbitmq_url)
-    try:
+    async with AmqpPublisher(stack.rabbitmq_url, name="bench") as publisher:
         with progress.track(f"{label}: publish", len(bodies)) as tracker:
             await publish_requests(publisher, bodies, plan.window, tracker.update)
-    finally:
-        await publisher.close()
     with progress.track(f"{label}: persisted", len(bodies)) as tracker:
         deadline = time.time() + plan.timeout
         persisted = await wait_for_rows(stack.pool, base, len(bodies), deadline, tracker)

@@ -97,7 +97,8 @@ class AmqpPublisher:
 
     @property
     def is_connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        # A robust connection that lost its link is not closed, only waiting to reconnect.
+        return self._connection is not None and self._connection.connected.is_set()
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         exchange = self._exchanges.get(name)

@@ -201,13 +201,14 @@ async def wait_until_due(
 ) -> bool:
     """True when the timer is due now; False when it was armed again for later (past a
     backend's horizon, or delivered early by a clock that runs ahead of ours)."""
-    ahead = remaining(headers, clock())
+    now = clock()
+    ahead = remaining(headers, now)
     if ahead <= timedelta(0):
         return True
+    fire_at = now + ahead
     if ahead <= SHORT_WAIT:
-        await sleep_until(clock() + ahead, clock)
+        await sleep_until(fire_at, clock)
         return True
-    fire_at = clock() + ahead
     passthrough = {k: v for k, v in headers.items() if k not in (FIRE_AT_HEADER, "x-delay")}
     await timer.arm(destination, body, fire_at, headers=passthrough)
     return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import uuid
 
 import aio_pika
@@ -48,3 +50,36 @@ async def test_publishing_before_connecting_says_what_to_do(settings):
     with pytest.raises(RuntimeError, match="connect"):
         await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key="x")
     assert not publisher.is_connected
+
+
+def _publishing_connection_pids(vhost: str, name: str) -> list[str]:
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "-p", vhost, "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    marker = f'"connection_name","followups-{name} (publishing)"'
+    return [line.split("\t", 1)[0] for line in listed.splitlines() if marker in line]
+
+
+async def _until(condition, patience: float = 30.0) -> bool:
+    for _ in range(int(patience / 0.1)):
+        if condition():
+            return True
+        await asyncio.sleep(0.1)
+    return condition()
+
+
+async def test_a_dropped_publishing_connection_shows_and_comes_back(infra, settings):
+    name = f"tests-{uuid.uuid4().hex[:8]}"
+    async with AmqpPublisher(settings.rabbitmq_url, name=name) as publisher:
+        [pid] = _publishing_connection_pids(infra.name, name)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", pid, "closed by a test"], check=True
+        )
+        assert await _until(lambda: not publisher.is_connected), "the drop went unnoticed"
+        assert await _until(lambda: publisher.is_connected), "it never reconnected"
+        await publisher.publish(
+            b"{}", exchange=PUBLIC_EXCHANGE, routing_key="nobody.listens", mandatory=False
+        )
