@@ -1,7 +1,7 @@
 """A service's HTTP side, served beside its consumer: liveness, readiness and Prometheus metrics.
 
 GET /healthz   200 while the process and its event loop answer (liveness)
-GET /readyz    200 when the broker connection, the database and the consumer all work, else 503
+GET /readyz    200 when both broker connections, the database and the consumer all work, else 503
 GET /metrics   the default Prometheus registry (shared.metrics and FastStream's own)
 """
 
