@@ -29,9 +29,23 @@ def to_e164(raw: str | None, default_region: str = "US") -> str:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
+def _parse_international(e164: str) -> phonenumbers.PhoneNumber:
+    try:
+        return phonenumbers.parse(e164, None)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidPhone(f"unparseable phone number (code {exc.error_type})") from None
+
+
+def check_e164(value: str) -> str:
+    """A sender's number in E.164 form that libphonenumber can read (its country code exists).
+    The pattern alone lets through numbers such as +999123456, which no lookup can use."""
+    _parse_international(value)
+    return value
+
+
 def match_digits(e164: str) -> tuple[str, str]:
     """The digits a stored number may have, with or without its country code, so that a reply
     from +12125550199 finds a contractor stored as (212) 555-0199."""
-    parsed = phonenumbers.parse(e164, None)
+    parsed = _parse_international(e164)
     national = phonenumbers.national_significant_number(parsed)
     return f"{parsed.country_code}{national}", national

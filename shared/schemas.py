@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -21,15 +22,19 @@ from pydantic import (
 )
 
 from shared.errors import InvalidMessage
+from shared.phones import check_e164
 
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_HINTS_BYTES = 4 * 1024
+# No command needs more, and anything deeper is refused before any code walks it recursively
+# (json.dumps, the jsonb codec), where a RecursionError would look like a failure worth retrying.
+MAX_JSON_DEPTH = 32
 # Far enough to catch a unit mix-up (seconds read as milliseconds), near enough for any real plan.
 MAX_PAST = timedelta(days=365)
 MAX_FUTURE = timedelta(days=3650)
 
 PositiveId = Annotated[int, Field(gt=0, le=2**63 - 1, strict=True)]  # a PostgreSQL bigint
-E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$")]
+E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$"), AfterValidator(check_e164)]
 _RFC3339_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]")
 
 
@@ -147,28 +152,49 @@ def _first_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _unstorable(data: object) -> str | None:
-    """What PostgreSQL text and jsonb refuse. Found here, the sender is told at once; found at
-    INSERT, the message would be retried until the delivery limit."""
-    pending = [data]
+def _unfit(data: object) -> InvalidMessage | None:
+    """What PostgreSQL text and jsonb refuse, and nesting beyond MAX_JSON_DEPTH. Found here, the
+    sender is told at once; found later, the message would be retried until the delivery limit."""
+    pending: list[tuple[object, int]] = [(data, 1)]
     while pending:  # a loop, not recursion: the body may be nested as deep as json allows
-        value = pending.pop()
+        value, depth = pending.pop()
+        if isinstance(value, dict | list) and depth > MAX_JSON_DEPTH:
+            return InvalidMessage(
+                "too_deep", f"nested more than {MAX_JSON_DEPTH} levels; flatten the body"
+            )
         if isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
+            pending.extend((key, depth) for key in value)
+            pending.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, list):
-            pending.extend(value)
+            pending.extend((item, depth + 1) for item in value)
         elif isinstance(value, str):
             if "\x00" in value:
-                return "a NUL character (\\u0000)"
+                return _unstorable("a NUL character (\\u0000)")
             if not value.isascii():
                 try:
                     value.encode()
                 except UnicodeEncodeError:
-                    return "an unpaired UTF-16 surrogate"
+                    return _unstorable("an unpaired UTF-16 surrogate")
         elif isinstance(value, float) and not math.isfinite(value):
-            return "NaN or Infinity"
+            return _unstorable("NaN or Infinity")
     return None
+
+
+def _unstorable(problem: str) -> InvalidMessage:
+    return InvalidMessage("unstorable_value", f"the body holds {problem}; remove it")
+
+
+def _check_content_type(content_type: str | None) -> None:
+    """application/json, with at most a charset parameter, which must then be UTF-8."""
+    if not content_type:
+        return
+    media_type, *parameters = (part.strip() for part in content_type.split(";"))
+    if media_type.lower() != "application/json":
+        raise InvalidMessage("content_type", f"{content_type!r}; send application/json")
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            raise InvalidMessage("content_type", f"{content_type!r}; the charset must be utf-8")
 
 
 def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _Inbound:
@@ -178,8 +204,7 @@ def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _I
     schema = INBOUND.get(routing_key)
     if schema is None:
         raise InvalidMessage("unknown_routing_key", f"{routing_key!r} is not a followups command")
-    if content_type not in (None, "", "application/json"):
-        raise InvalidMessage("content_type", f"{content_type!r}; send application/json")
+    _check_content_type(content_type)
     try:
         data = json.loads(body)
     # ValueError covers bad UTF-8, bad JSON and integers too long to convert; RecursionError,
@@ -190,9 +215,9 @@ def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _I
         ) from None
     if not isinstance(data, dict):
         raise InvalidMessage("malformed_json", "the body must be a JSON object")
-    problem = _unstorable(data)
+    problem = _unfit(data)
     if problem is not None:
-        raise InvalidMessage("unstorable_value", f"the body holds {problem}; remove it")
+        raise problem
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -228,6 +253,9 @@ class LifecycleEvent(BaseModel):
 class TimerKind(StrEnum):
     PERSONALIZE = "personalize"
     DISPATCH = "dispatch"
+    # A dispatcher timer for a follow-up far ahead: at its lead time the dispatcher asks for the
+    # text and arms the send (fire_at is the send's instant).
+    LEAD = "lead"
 
 
 class TimerMessage(BaseModel):

@@ -18,10 +18,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.topology import PUBLIC_EXCHANGE, SCHEDULER_INBOX
+from testbed.processes import ServiceProcess
+from testbed.webhook import Reply
 from tests.e2e.conftest import request_followup, soon, wait_for_final
 from tests.support.data import add_action_item, add_contractor
-from tests.support.processes import ServiceProcess
-from tests.support.webhook import Reply
 
 MISSING_ID = 900_000_001
 CASE_HEADER = "x-test-case"
@@ -51,6 +51,13 @@ def request(contractor_id: int | str, **changes: Any) -> dict[str, Any]:
 
 def without(body: dict[str, Any], field: str) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != field}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
 
 
 def encode(body: dict[str, Any]) -> bytes:
@@ -193,6 +200,26 @@ def bad_messages(contractor_id: int) -> list[Bad]:
             reason_mentions="phone",
         ),
         Bad(
+            "response_with_unparseable_phone",
+            "schema",
+            encode({"phone": "+999123456", "text": "yes"}),
+            routing_key="followup.response_received",
+            reason_mentions="phone",
+        ),
+        Bad(
+            "hints_nested_too_deep",
+            "too_deep",
+            encode(request(contractor_id, ai_context_hints=nested(40))),
+            reason_mentions="32",
+        ),
+        Bad(
+            "charset_not_utf8",
+            "content_type",
+            encode(request(contractor_id)),
+            content_type="application/json; charset=iso-8859-1",
+            reason_mentions="utf-8",
+        ),
+        Bad(
             "unknown_contractor",
             "unknown_reference",
             encode(request(MISSING_ID)),
@@ -243,10 +270,15 @@ async def channel(settings) -> AsyncIterator[AbstractChannel]:
         yield await connection.channel()
 
 
-async def publish(channel: AbstractChannel, bad: Bad | None, body: bytes | None = None) -> None:
+async def publish(
+    channel: AbstractChannel,
+    bad: Bad | None,
+    body: bytes | None = None,
+    content_type: str = "application/json",
+) -> None:
     message = aio_pika.Message(
         body if bad is None else bad.body,
-        content_type="application/json" if bad is None else bad.content_type,
+        content_type=content_type if bad is None else bad.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers={CASE_HEADER: "valid" if bad is None else bad.case},
     )
@@ -301,9 +333,15 @@ async def test_bad_messages_are_dead_lettered_with_their_rule_and_valid_ones_are
         valid += 1
     dead = await drain_dead_letters(channel, len(cases))
 
-    # The services are still there and still working after every bad message.
+    # The services are still there and still working after every bad message. A charset
+    # parameter is fine as long as it says UTF-8.
     for i in range(5):
-        await publish(channel, None, encode(request(contractor, idempotency_key=f"after-{i}")))
+        await publish(
+            channel,
+            None,
+            encode(request(contractor, idempotency_key=f"after-{i}")),
+            content_type="application/json; charset=utf-8",
+        )
         valid += 1
     rows = await wait_for_final(pool, valid)
     logs = services.logs()

@@ -27,6 +27,13 @@ def request(**overrides):
     return json.dumps(body).encode()
 
 
+def nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
 def test_valid_request_takes_defaults():
     parsed = parse_inbound("followup.requested", request(), "application/json")
     assert isinstance(parsed, FollowupRequested)
@@ -82,6 +89,12 @@ def test_offset_other_than_utc_is_kept_as_the_same_instant():
         ),
         ("followup.response_received", b'{"text": "yes"}', None, "schema"),
         ("followup.response_received", b'{"phone": "555-1234", "text": "yes"}', None, "schema"),
+        # The E.164 pattern matches, but no country has code 999: libphonenumber can't read it.
+        ("followup.response_received", b'{"phone": "+999123456", "text": "yes"}', None, "schema"),
+        ("followup.requested", request(), "application/json; charset=latin-1", "content_type"),
+        ("followup.requested", request(), "application/jsonx", "content_type"),
+        ("followup.requested", request(), "text/json; charset=utf-8", "content_type"),
+        ("followup.requested", request(ai_context_hints=nested(40)), None, "too_deep"),
     ],
 )
 def test_bad_messages_name_the_rule(routing_key, body, content_type, rule):
@@ -122,3 +135,63 @@ def test_timer_message_round_trip_and_rejects_junk():
     with pytest.raises(InvalidMessage) as caught:
         parse_timer(b'{"kind": "dispatch"}')
     assert caught.value.rule == "timer_schema"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "application/json",
+        "application/json; charset=utf-8",
+        'Application/JSON; Charset="UTF-8"',
+        "application/json;charset=utf-8; profile=followups",
+    ],
+)
+def test_json_content_types_are_accepted(content_type):
+    assert isinstance(
+        parse_inbound("followup.requested", request(), content_type), FollowupRequested
+    )
+
+
+def test_nesting_up_to_the_limit_is_accepted_and_one_more_level_is_refused():
+    # The body is level 1, the hints object level 2.
+    ok = parse_inbound("followup.requested", request(ai_context_hints=nested(31)), None)
+    assert isinstance(ok, FollowupRequested)
+    with pytest.raises(InvalidMessage) as caught:
+        parse_inbound("followup.requested", request(ai_context_hints=nested(32)), None)
+    assert caught.value.rule == "too_deep"
+    # Lists count as levels too: hints at 2, then 30 lists down to level 32.
+    lists = json.loads("[" * 30 + "]" * 30)
+    ok = parse_inbound("followup.requested", request(ai_context_hints={"a": lists}), None)
+    assert isinstance(ok, FollowupRequested)
+    with pytest.raises(InvalidMessage) as caught:
+        parse_inbound("followup.requested", request(ai_context_hints={"a": [lists]}), None)
+    assert caught.value.rule == "too_deep"
+
+
+def _outcome_from_stack_depth(frames: int, body: bytes) -> str:
+    if frames:
+        return _outcome_from_stack_depth(frames - 1, body)
+    try:
+        parse_inbound("followup.requested", body, None)
+    except InvalidMessage as exc:
+        return exc.rule
+    return "parsed"
+
+
+@pytest.mark.parametrize("frames", [0, 200, 500, 800])
+def test_no_nesting_ever_escapes_as_a_recursion_error(frames):
+    """However deep the caller's stack (a service's is deeper than a test's), a nested body is
+    either parsed or refused with a rule, never a RecursionError that would be retried."""
+    deadline = datetime.now(UTC) + timedelta(minutes=5)
+    outcomes = set()
+    for depth in range(1, 1000, 3):
+        body = (
+            b'{"contractor_id": 7, "scheduled_time": "%s", "followup_type": "x",'
+            b' "message_template": "Hi", "ai_context_hints": {"a": %s%s}}'
+            % (deadline.isoformat().encode(), b"[" * depth, b"]" * depth)
+        )
+        outcomes.add(_outcome_from_stack_depth(frames, body))
+    assert outcomes <= {"parsed", "too_deep", "malformed_json"}
+    assert {"parsed", "too_deep"} <= outcomes
