@@ -13,7 +13,7 @@ from bench.probes import Sampler
 from bench.progress import Tracker
 from bench.report import Row
 from bench.stats import duplicates, spread
-from tests.support.webhook import WebhookReceiver
+from testbed.webhook import WebhookReceiver
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ import asyncpg
 from bench.probes import BENCH_APPLICATION
 from shared.db import create_pool
 from shared.timers import broker_has_plugin
-from tests.support import openai_server
-from tests.support.infra import AMQP_ROOT, PG_ADMIN, Infra, rabbitmqctl
-from tests.support.openai_server import OpenAIServer
-from tests.support.processes import ServiceSet
-from tests.support.webhook import WebhookReceiver
+from testbed import openai_server
+from testbed.infra import AMQP_ROOT, PG_ADMIN, Infra, rabbitmqctl
+from testbed.openai_server import OpenAIServer
+from testbed.processes import ServiceSet
+from testbed.webhook import WebhookReceiver
 
 SERVICES = ("scheduler", "personalizer", "dispatcher")
 # With --replicas N these run N processes each; one personalizer waits on the model, not on CPU.

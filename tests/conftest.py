@@ -11,8 +11,9 @@ import pytest
 from shared.db import create_pool
 from shared.settings import DelayBackend, Settings
 from shared.topology import declare_topology
-from tests.support.infra import Infra, truncate
-from tests.support.openai_server import OpenAIServer
+from testbed.infra import Infra
+from testbed.openai_server import OpenAIServer
+from tests.support.infra import truncate
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ import pytest
 from shared.bus import AmqpPublisher
 from shared.settings import Settings
 from shared.topology import PUBLIC_EXCHANGE
-from tests.support.processes import ServiceSet
-from tests.support.webhook import WebhookReceiver
+from testbed.processes import ServiceSet
+from testbed.webhook import WebhookReceiver
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@ the model's text is sent when it is fit, and a slow or misbehaving model never d
 
 from __future__ import annotations
 
-from tests.e2e.conftest import request_followup, soon, wait_for_final
-from tests.support.data import add_action_item, add_contractor, add_event
-from tests.support.openai_server import (
+from testbed.openai_server import (
     AI_TEXT,
     API_KEY,
     RENDERED,
@@ -14,6 +12,8 @@ from tests.support.openai_server import (
     Reply,
     always,
 )
+from tests.e2e.conftest import request_followup, soon, wait_for_final
+from tests.support.data import add_action_item, add_contractor, add_event
 
 
 def _ai_env(llm: OpenAIServer, lead: float) -> dict[str, str]:

@@ -12,9 +12,9 @@ import aio_pika
 import asyncpg
 
 from shared.topology import DISPATCHER_DUE, TIMER_LEVELS, level_name
+from testbed.webhook import Call, Reply
 from tests.e2e.conftest import request_followup, soon, wait_for_final, wait_until
 from tests.support.data import add_contractor
-from tests.support.webhook import Call, Reply
 
 
 def assert_delivered_once_each(receiver, rows) -> None:

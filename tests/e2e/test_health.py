@@ -7,9 +7,9 @@ import re
 
 import httpx
 
+from testbed.processes import ServiceProcess
 from tests.e2e.conftest import request_followup, soon, wait_for_final
 from tests.support.data import add_contractor
-from tests.support.processes import ServiceProcess
 
 
 def http_port(service: ServiceProcess) -> int:

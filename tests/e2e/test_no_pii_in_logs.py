@@ -10,9 +10,9 @@ import time
 import aio_pika
 
 from shared.topology import PUBLIC_EXCHANGE, WORK_QUEUES
+from testbed.webhook import Call, Reply
 from tests.e2e.conftest import request_followup, soon, wait_for_final
 from tests.support.data import add_contractor
-from tests.support.webhook import Call, Reply
 
 # Distinctive values, so that any appearance in the output is a leak and not a coincidence.
 PHONES = {

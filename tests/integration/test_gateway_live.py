@@ -8,9 +8,9 @@ import json
 from services.dispatcher.app import make_gateway
 from services.dispatcher.gateway import GatewayResult, Outcome, WebhookGateway
 from shared.settings import Settings
+from testbed.loopback import free_port
+from testbed.webhook import Reply, WebhookReceiver
 from tests.support.data import sms
-from tests.support.loopback import free_port
-from tests.support.webhook import Reply, WebhookReceiver
 
 
 def gateway(url: str, timeout: float = 10.0) -> WebhookGateway:

@@ -26,8 +26,7 @@ from shared.schemas import FollowupRequested, TimerKind, TimerMessage
 from shared.store import Followup, FollowupStore, Reference
 from shared.timers import utcnow
 from shared.topology import PERSONALIZER_DUE, PUBLIC_EXCHANGE
-from tests.support.data import add_action_item, add_contractor, add_event
-from tests.support.openai_server import (
+from testbed.openai_server import (
     AI_TEXT,
     API_KEY,
     RENDERED,
@@ -37,6 +36,7 @@ from tests.support.openai_server import (
     always,
     in_turn,
 )
+from tests.support.data import add_action_item, add_contractor, add_event
 
 MODEL = "gpt-test"
 

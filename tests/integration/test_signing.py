@@ -16,8 +16,8 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from services.dispatcher.app import make_gateway
 from services.dispatcher.gateway import Outcome, WebhookGateway
 from shared.settings import Settings
+from testbed.webhook import Call, Reply, WebhookReceiver
 from tests.support.data import sms
-from tests.support.webhook import Call, Reply, WebhookReceiver
 
 SECRET = "whsec_" + base64.b64encode(b"followups-signing-key-for-tests-32b").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"a-different-key-of-thirty-two-by").decode()

@@ -1,57 +1,8 @@
-"""A private PostgreSQL database and RabbitMQ vhost for one test run, removed afterwards."""
+"""Emptying a test database between tests."""
 
 from __future__ import annotations
 
-import subprocess
-import uuid
-from dataclasses import dataclass
-from urllib.parse import quote
-
 import asyncpg
-
-from shared.migrate import migrate
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-AMQP_ROOT = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-def rabbitmqctl(*args: str) -> None:
-    result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}; "
-            "is RabbitMQ running? (scripts/ensure-services.sh starts it)"
-        )
-
-
-@dataclass(frozen=True)
-class Infra:
-    name: str
-
-    @property
-    def database_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:5432/{self.name}"
-
-    @property
-    def rabbitmq_url(self) -> str:
-        return f"{AMQP_ROOT}{quote(self.name, safe='')}"
-
-    @classmethod
-    def create(cls, label: str = "t") -> Infra:
-        infra = cls(f"followups_{label}_{uuid.uuid4().hex[:10]}")
-        rabbitmqctl("add_vhost", infra.name)
-        rabbitmqctl("set_permissions", "-p", infra.name, "guest", ".*", ".*", ".*")
-        migrate(infra.database_url)
-        return infra
-
-    async def drop(self) -> None:
-        rabbitmqctl("delete_vhost", self.name)
-        admin = await asyncpg.connect(PG_ADMIN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
 
 TABLES = (
     "webhook_calls",

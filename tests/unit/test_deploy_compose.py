@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from shared.settings import Settings
-from tests.support.loopback import free_port
+from testbed.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_VARIABLES = {name.upper() for name in Settings.model_fields}

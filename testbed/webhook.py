@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.support.loopback import LoopbackServer, Request
+from testbed.loopback import LoopbackServer, Request
 
 
 @dataclass(frozen=True)

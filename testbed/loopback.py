@@ -1,4 +1,4 @@
-"""A real HTTP server on 127.0.0.1 (uvicorn, inside the test's event loop) for stand-ins of the
+"""A real HTTP server on 127.0.0.1 (uvicorn, inside the caller's event loop) for stand-ins of the
 services followups calls: the n8n webhook and an OpenAI-compatible API."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.support.loopback import LoopbackServer, Request
+from testbed.loopback import LoopbackServer, Request
 
 API_KEY = "sk-test-loopback"
 # A follow-up the AI tests share: its template, the template rendered, and a model's rewrite.
