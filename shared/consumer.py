@@ -81,24 +81,7 @@ async def consume(
     try:
         await _with_retries(handler, incoming)
     except Rejected as exc:
-        REJECTED.labels(queue.name, exc.rule).inc()
-        log.warning(
-            "message rejected to the dead-letter queue",
-            queue=queue.name,
-            rule=exc.rule,
-            reason=exc.detail,
-            routing_key=incoming.routing_key,
-        )
-        await dead_letter(
-            publisher,
-            dead_letter_queue=queue.dead_letter_queue,
-            body=incoming.body,
-            headers=dict(incoming.headers),
-            rule=exc.rule,
-            detail=exc.detail,
-            source_routing_key=incoming.routing_key,
-        )
-        await message.ack()
+        await _reject(message, queue, incoming, exc, publisher)
     except asyncio.CancelledError:
         await message.nack(requeue=True)
         raise
@@ -114,6 +97,50 @@ async def consume(
         await message.nack(requeue=True)
     else:
         await message.ack()
+
+
+async def _reject(
+    message: RabbitMessage,
+    queue: WorkQueue,
+    incoming: Incoming,
+    rejected: Rejected,
+    publisher: Publisher,
+) -> None:
+    """Ack a rejected message once its dead-letter copy is confirmed. Without the copy it goes
+    back to the queue: a delivery left unsettled would hold a prefetch slot until the channel
+    closes, and the delivery limit still ends a message whose copy never gets through."""
+    log.warning(
+        "message rejected to the dead-letter queue",
+        queue=queue.name,
+        rule=rejected.rule,
+        reason=rejected.detail,
+        routing_key=incoming.routing_key,
+    )
+    try:
+        await dead_letter(
+            publisher,
+            dead_letter_queue=queue.dead_letter_queue,
+            body=incoming.body,
+            headers=dict(incoming.headers),
+            rule=rejected.rule,
+            detail=rejected.detail,
+            source_routing_key=incoming.routing_key,
+        )
+    except asyncio.CancelledError:
+        await message.nack(requeue=True)
+        raise
+    except Exception as exc:
+        log.error(
+            "dead-letter copy failed; message returned to the queue",
+            queue=queue.name,
+            rule=rejected.rule,
+            error=exc.__class__.__name__,
+            routing_key=incoming.routing_key,
+        )
+        await message.nack(requeue=True)
+        return
+    REJECTED.labels(queue.name, rejected.rule).inc()
+    await message.ack()
 
 
 async def _with_retries(handler: Handler, incoming: Incoming) -> None:
