@@ -12,17 +12,17 @@ from prometheus_client import Counter, Histogram
 from shared.topology import DEAD_LETTER_EXCHANGE
 
 _TIMER_EXCHANGES = "followups.timers."
-_DELAY_BITS = re.compile(r"^(?:[01]\.)+")
+_DELAY_DIGITS = re.compile(r"^(?:[0-9a-f]\.)+")
 
 
 def destination_label(exchange: str, routing_key: str) -> str:
     """A bounded metric label for where a message went or came from.
 
-    Timer routing keys spell each delay in binary, one word per bit: kept as they are, every delay
+    Timer routing keys spell each delay, one word per digit: kept as they are, every delay
     would be a new time series. Only the destination queue at their end is kept.
     """
     if exchange.startswith(_TIMER_EXCHANGES):
-        return f"followups.timers.{_DELAY_BITS.sub('', routing_key)}"
+        return f"followups.timers.{_DELAY_DIGITS.sub('', routing_key)}"
     if exchange == DEAD_LETTER_EXCHANGE:
         return f"{exchange}.{routing_key}"
     return f"{exchange or 'default'}.{routing_key}"

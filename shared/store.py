@@ -182,7 +182,8 @@ _MARK_SENT = f"""
         UPDATE contractor_followup_schedules
         SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2, status_reason = $3,
             lease_until = NULL, last_error = NULL, calling_since = NULL,
-            text_source = CASE WHEN $4::text IS NULL THEN text_source ELSE 'template' END,
+            text_source = CASE WHEN $4::text IS NULL THEN coalesce(text_source, 'template')
+                               ELSE 'template' END,
             text_fallback_reason = coalesce($4, text_fallback_reason), updated_at = now()
         WHERE id = $1 AND status = 'sending'
         RETURNING {_COLUMNS}),
@@ -792,6 +793,7 @@ class FollowupStore:
         records = await self._pool.fetch(
             f"""{_SELECT}
                 WHERE status IN ('scheduled', 'sending') AND status = 'scheduled'
+                  AND ai_should_personalize
                   AND prepared_version IS DISTINCT FROM version
                   AND scheduled_time < now() - $1::interval + $2::interval
                   AND scheduled_time > now() + $1::interval

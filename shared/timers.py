@@ -1,8 +1,9 @@
-"""Timers held by the broker: `arm(destination, message, fire_at)` with two backends (DESIGN.md).
+"""Timers held by the broker: `arm(destination, message, fire_at, window=…)`, two backends.
 
-A timer message carries its target instant in the `x-fire-at` header (epoch ms). A delay longer
-than the backend's horizon is armed for the horizon; the receiver sees that the instant is still
-ahead (`remaining`) and arms it again.
+A timer message carries its target instant in the `x-fire-at` header (epoch ms) and, when the
+receiver may act early, how early in `x-fire-window` (ms). The broker may deliver it up to a
+quantum early (levels) and never late on purpose: the receiver waits out the rest in memory, or
+arms it again when it is still far (a delay past the backend's horizon, a clock ahead of ours).
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ from shared.bus import Publisher
 from shared.settings import DelayBackend
 from shared.topology import (
     TIMER_DELIVER_EXCHANGE,
-    TIMER_LEVELS,
     TIMER_PLUGIN_EXCHANGE,
-    level_name,
+    TIMER_POSITIONS,
+    TIMER_QUANTUM_MS,
+    TIMER_RADIX,
+    position_exchange,
 )
 
 FIRE_AT_HEADER = "x-fire-at"
+WINDOW_HEADER = "x-fire-window"
 PLUGIN_MAX_DELAY_MS = 2**32 - 1  # the plugin delivers at once past this: never hand it more
-LEVELS_MAX_DELAY_MS = 2**TIMER_LEVELS - 1
+LEVELS_MAX_UNITS: int = TIMER_RADIX**TIMER_POSITIONS - 1
+# Past the horizon: the largest delay of a single digit, so the receiver re-arms after one hop.
+LEVELS_HORIZON_UNITS: int = (TIMER_RADIX - 1) * TIMER_RADIX ** (TIMER_POSITIONS - 1)
+LEVELS_MAX_DELAY_MS = LEVELS_MAX_UNITS * TIMER_QUANTUM_MS
 
 Clock = Callable[[], datetime]
 
@@ -42,10 +49,9 @@ def to_epoch_ms(moment: datetime) -> int:
     return math.ceil(moment.timestamp() * 1000)
 
 
-def delay_ms(fire_at: datetime, now: datetime, horizon_ms: int) -> int:
-    """Milliseconds to wait now: rounded up (never early), at least 0, at most the horizon."""
-    wanted = math.ceil((fire_at - now).total_seconds() * 1000)
-    return max(0, min(wanted, horizon_ms))
+def wanted_ms(fire_at: datetime, now: datetime) -> int:
+    """Milliseconds until `fire_at`, rounded up (never early), at least 0."""
+    return max(0, math.ceil((fire_at - now).total_seconds() * 1000))
 
 
 def remaining(headers: Mapping[str, Any], now: datetime) -> timedelta:
@@ -56,30 +62,63 @@ def remaining(headers: Mapping[str, Any], now: datetime) -> timedelta:
     return datetime.fromtimestamp(int(raw) / 1000, UTC) - now
 
 
-def levels_routing_key(delay: int, destination: str) -> str:
-    """The delay spelled in binary, most significant level first, one topic word per bit."""
-    if not 0 <= delay <= LEVELS_MAX_DELAY_MS:
-        raise ValueError(f"delay {delay} ms is outside 0..{LEVELS_MAX_DELAY_MS}")
-    bits = format(delay, f"0{TIMER_LEVELS}b")
-    return ".".join(bits) + "." + destination
+def window_of(headers: Mapping[str, Any]) -> timedelta:
+    return timedelta(milliseconds=int(headers.get(WINDOW_HEADER, 0)))
 
 
-def levels_entry_exchange(delay: int) -> str:
-    """Enter at the highest level whose bit is set; lower levels are reached by routing."""
-    if delay == 0:
+def digits(units: int) -> list[int]:
+    """`units` in base TIMER_RADIX, least significant position first, TIMER_POSITIONS long."""
+    if not 0 <= units <= LEVELS_MAX_UNITS:
+        raise ValueError(f"{units} quanta is outside 0..{LEVELS_MAX_UNITS}")
+    return [units // TIMER_RADIX**p % TIMER_RADIX for p in range(TIMER_POSITIONS)]
+
+
+def levels_units(wanted: int, window: int) -> int:
+    """The delay to arm, in quanta: never later than `wanted` ms, as few nonzero digits (hops) as
+    arriving at most `window` ms before it allows (at least a quantum: the receiver waits that
+    out). Past the horizon, the largest one-digit delay: the receiver arms the rest."""
+    units = wanted // TIMER_QUANTUM_MS
+    if units > LEVELS_MAX_UNITS:
+        return LEVELS_HORIZON_UNITS
+    for position in range(TIMER_POSITIONS, 0, -1):
+        step: int = TIMER_RADIX**position
+        coarse = units // step * step
+        if wanted - coarse * TIMER_QUANTUM_MS <= window:
+            return coarse
+    return units
+
+
+def levels_hops(units: int) -> int:
+    """Dead-letterings a levels timer of `units` quanta takes: one per nonzero digit."""
+    return sum(1 for digit in digits(units) if digit)
+
+
+def levels_routing_key(units: int, destination: str) -> str:
+    """The delay's digits, most significant position first, one topic word each."""
+    words = [f"{digit:x}" for digit in reversed(digits(units))]
+    return ".".join(words) + "." + destination
+
+
+def levels_entry_exchange(units: int) -> str:
+    """Enter at the highest position with a nonzero digit; lower ones are reached by routing."""
+    if units == 0:
         return TIMER_DELIVER_EXCHANGE
-    return level_name(delay.bit_length() - 1)
+    top = max(p for p, digit in enumerate(digits(units)) if digit)
+    return position_exchange(top)
 
 
 class Timer(ABC):
-    """Arms a message to reach queue `destination` at `fire_at` (never before)."""
+    """Arms a message to reach queue `destination` at `fire_at` (never after it on purpose),
+    or up to `window` before it when the receiver may act early."""
 
     backend: DelayBackend
-    horizon_ms: int
 
     def __init__(self, publisher: Publisher, clock: Clock = utcnow) -> None:
         self._publisher = publisher
         self._clock = clock
+
+    def now(self) -> datetime:
+        return self._clock()
 
     async def arm(
         self,
@@ -87,13 +126,25 @@ class Timer(ABC):
         message: bytes,
         fire_at: datetime,
         *,
+        window: timedelta = timedelta(0),
         headers: Mapping[str, Any] | None = None,
     ) -> int:
         """Publish the timer (confirmed); returns the delay in ms that was armed."""
-        delay = delay_ms(fire_at, self._clock(), self.horizon_ms)
+        window_ms = int(window.total_seconds() * 1000)
         all_headers = {**(headers or {}), FIRE_AT_HEADER: to_epoch_ms(fire_at)}
+        if window_ms:
+            all_headers[WINDOW_HEADER] = window_ms
+        delay = self.delay_for(wanted_ms(fire_at, self._clock()), window_ms)
         await self._publish(destination, message, delay, all_headers)
         return delay
+
+    @abstractmethod
+    def delay_for(self, wanted: int, window: int) -> int:
+        """The delay in ms this backend arms for an instant `wanted` ms ahead."""
+
+    @abstractmethod
+    def work(self, wanted: int, window: int) -> int:
+        """Broker operations one timer costs: its publish plus the hops it takes."""
 
     @abstractmethod
     async def _publish(
@@ -102,18 +153,25 @@ class Timer(ABC):
 
 
 class LevelsTimer(Timer):
-    """Plugin-free: TTL queues of 2**k ms chained by dead-lettering (DESIGN.md, `levels`)."""
+    """Plugin-free: TTL queues, one per digit and position, chained by dead-lettering
+    (shared.topology)."""
 
     backend = DelayBackend.LEVELS
-    horizon_ms = LEVELS_MAX_DELAY_MS
+
+    def delay_for(self, wanted: int, window: int) -> int:
+        return levels_units(wanted, window) * TIMER_QUANTUM_MS
+
+    def work(self, wanted: int, window: int) -> int:
+        return 1 + levels_hops(levels_units(wanted, window))
 
     async def _publish(
         self, destination: str, message: bytes, delay: int, headers: dict[str, Any]
     ) -> None:
+        units = delay // TIMER_QUANTUM_MS
         await self._publisher.publish(
             message,
-            exchange=levels_entry_exchange(delay),
-            routing_key=levels_routing_key(delay, destination),
+            exchange=levels_entry_exchange(units),
+            routing_key=levels_routing_key(units, destination),
             headers=headers,
         )
 
@@ -125,10 +183,16 @@ def plugin_headers(delay: int, headers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class PluginTimer(Timer):
-    """RabbitMQ's x-delayed-message exchange (DESIGN.md, `plugin`)."""
+    """RabbitMQ's x-delayed-message exchange: one hop whatever the delay, to the millisecond,
+    held on one node only."""
 
     backend = DelayBackend.PLUGIN
-    horizon_ms = PLUGIN_MAX_DELAY_MS
+
+    def delay_for(self, wanted: int, window: int) -> int:
+        return min(wanted, PLUGIN_MAX_DELAY_MS)
+
+    def work(self, wanted: int, window: int) -> int:
+        return 1 if self.delay_for(wanted, window) == 0 else 2
 
     async def _publish(
         self, destination: str, message: bytes, delay: int, headers: dict[str, Any]
@@ -199,16 +263,19 @@ async def wait_until_due(
     headers: Mapping[str, Any],
     clock: Clock = utcnow,
 ) -> bool:
-    """True when the timer is due now; False when it was armed again for later (past a
-    backend's horizon, or delivered early by a clock that runs ahead of ours)."""
+    """True when the timer is due now (its instant, less the window it allows, has come);
+    False when it was armed again for later (past a backend's horizon, or delivered early by a
+    clock that runs ahead of ours)."""
     now = clock()
-    ahead = remaining(headers, now)
+    window = window_of(headers)
+    ahead = remaining(headers, now) - window
     if ahead <= timedelta(0):
         return True
-    fire_at = now + ahead
     if ahead <= SHORT_WAIT:
-        await sleep_until(fire_at, clock)
+        await sleep_until(now + ahead, clock)
         return True
-    passthrough = {k: v for k, v in headers.items() if k not in (FIRE_AT_HEADER, "x-delay")}
-    await timer.arm(destination, body, fire_at, headers=passthrough)
+    passthrough = {
+        k: v for k, v in headers.items() if k not in (FIRE_AT_HEADER, WINDOW_HEADER, "x-delay")
+    }
+    await timer.arm(destination, body, now + ahead + window, window=window, headers=passthrough)
     return False

@@ -20,8 +20,18 @@ PUBLIC_EXCHANGE = "followups"
 DEAD_LETTER_EXCHANGE = "followups.dead-letter"
 DELIVERY_LIMIT = 5
 
-TIMER_LEVELS = 33  # level k holds a message 2**k ms: 0 .. 2**33-1 ms, about 99 days
-TIMER_LEVEL_PREFIX = "followups.timers.level."
+# The `levels` timers spell a delay in base TIMER_RADIX, in units of TIMER_QUANTUM_MS, one digit
+# per position: queue (p, d) holds a message d * 16**p units and passes it to position p - 1. A
+# timer takes one hop per nonzero digit, so a wide radix means few hops: 15 queues a position, six
+# positions, a horizon of 16**6 - 1 units (about 49.7 days). A timer delivered up to a quantum
+# early is waited out in the receiver's memory (shared.timers.wait_until_due).
+TIMER_RADIX = 16
+TIMER_POSITIONS = 6
+TIMER_QUANTUM_MS = 256
+TIMER_LEVEL_PREFIX = "followups.timers.digit."
+# The binary levels of earlier releases (33 words of 0/1 before the destination): their queues
+# drain into the deliver exchange by themselves after an upgrade.
+LEGACY_TIMER_WORDS = 33
 TIMER_DELIVER_EXCHANGE = "followups.timers.deliver"
 TIMER_PLUGIN_EXCHANGE = "followups.timers.delayed"
 TIMER_ORPHANS = "followups.timers.orphans"
@@ -65,23 +75,36 @@ DISPATCHER_DUE = WorkQueue("followups.dispatcher.due", is_timer_destination=True
 WORK_QUEUES = (SCHEDULER_INBOX, PERSONALIZER_DUE, DISPATCHER_DUE)
 
 
-def level_name(level: int) -> str:
-    return f"{TIMER_LEVEL_PREFIX}{level:02d}"
+def position_exchange(position: int) -> str:
+    return f"{TIMER_LEVEL_PREFIX}{position}"
 
 
-def level_pattern(level: int, bit: str) -> str:
-    """Topic pattern matching routing keys whose bit for `level` is `bit`."""
-    return "*." * (TIMER_LEVELS - 1 - level) + bit + ".#"
+def digit_queue(position: int, digit: int) -> str:
+    """e.g. `followups.timers.digit.2.a`: holds a message 10 * 16**2 quanta."""
+    return f"{TIMER_LEVEL_PREFIX}{position}.{digit:x}"
 
 
-def deliver_pattern(destination: str) -> str:
-    return "*." * TIMER_LEVELS + destination
+def timer_queues() -> list[str]:
+    return [
+        digit_queue(position, digit)
+        for position in range(TIMER_POSITIONS)
+        for digit in range(1, TIMER_RADIX)
+    ]
 
 
-def timer_queue_arguments(level: int, queue_type: str) -> dict[str, Any]:
-    downstream = level_name(level - 1) if level > 0 else TIMER_DELIVER_EXCHANGE
+def digit_pattern(position: int, digit: int) -> str:
+    """Topic pattern matching routing keys whose digit at `position` is `digit`."""
+    return "*." * (TIMER_POSITIONS - 1 - position) + f"{digit:x}" + ".#"
+
+
+def deliver_pattern(destination: str, words: int = TIMER_POSITIONS) -> str:
+    return "*." * words + destination
+
+
+def timer_queue_arguments(position: int, digit: int, queue_type: str) -> dict[str, Any]:
+    downstream = position_exchange(position - 1) if position > 0 else TIMER_DELIVER_EXCHANGE
     arguments: dict[str, Any] = {
-        "x-message-ttl": 2**level,
+        "x-message-ttl": digit * TIMER_RADIX**position * TIMER_QUANTUM_MS,
         "x-dead-letter-exchange": downstream,
         "x-queue-type": queue_type,
     }
@@ -123,16 +146,20 @@ async def _declare_levels(channel: AbstractChannel, queue_type: str) -> None:
         if work.is_timer_destination:
             queue = await channel.get_queue(work.name, ensure=False)
             await queue.bind(deliver, routing_key=deliver_pattern(work.name))
+            await queue.bind(deliver, routing_key=deliver_pattern(work.name, LEGACY_TIMER_WORDS))
     below: AbstractExchange = deliver
-    for level in range(TIMER_LEVELS):
+    for position in range(TIMER_POSITIONS):
         exchange = await channel.declare_exchange(
-            level_name(level), aio_pika.ExchangeType.TOPIC, durable=True
+            position_exchange(position), aio_pika.ExchangeType.TOPIC, durable=True
         )
-        queue = await channel.declare_queue(
-            level_name(level), durable=True, arguments=timer_queue_arguments(level, queue_type)
-        )
-        await queue.bind(exchange, routing_key=level_pattern(level, "1"))
-        await below.bind(exchange, routing_key=level_pattern(level, "0"))
+        for digit in range(1, TIMER_RADIX):
+            queue = await channel.declare_queue(
+                digit_queue(position, digit),
+                durable=True,
+                arguments=timer_queue_arguments(position, digit, queue_type),
+            )
+            await queue.bind(exchange, routing_key=digit_pattern(position, digit))
+        await below.bind(exchange, routing_key=digit_pattern(position, 0))
         below = exchange
 
 

@@ -20,7 +20,12 @@ from rich.table import Table
 
 from services.cli.common import console, load_settings
 from shared.settings import DelayBackend, Settings
-from shared.topology import TIMER_DELIVER_EXCHANGE, TIMER_PLUGIN_EXCHANGE, WORK_QUEUES, level_name
+from shared.topology import (
+    TIMER_DELIVER_EXCHANGE,
+    TIMER_PLUGIN_EXCHANGE,
+    WORK_QUEUES,
+    timer_queues,
+)
 
 TIMEOUT_SECONDS = 5.0
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
@@ -154,7 +159,7 @@ async def _check_timers(settings: Settings, connection: aio_pika.abc.AbstractCon
         declared = await _exchange_exists(connection, TIMER_PLUGIN_EXCHANGE)
     else:
         declared = await _exchange_exists(connection, TIMER_DELIVER_EXCHANGE) and all(
-            [await _exists(connection, level_name(level)) for level in (0, 32)]
+            [await _exists(connection, name) for name in (timer_queues()[0], timer_queues()[-1])]
         )
     detail = f"backend {backend.value} (DELAY_BACKEND={wanted.value}, plugin {plugin})"
     if not declared:

@@ -83,8 +83,9 @@ def create_app(settings: Settings) -> FastStream:
         settings,
         DISPATCHER_DUE,
         _handler,
-        # Messages waiting for their exact instant hold a place too (for under a second).
-        prefetch=max(64, settings.dispatch_concurrency * 4),
+        # Send timers arrive up to a timer quantum plus the margin early and wait for their exact
+        # instant in memory, holding a place meanwhile: at 800 follow-ups/s that is ~400.
+        prefetch=max(512, settings.dispatch_concurrency * 4),
         background=[_sweep],
     )
     app.after_shutdown(gateway.aclose)

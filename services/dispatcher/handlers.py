@@ -26,7 +26,7 @@ from shared.metrics import (
     TIMER_LATENESS,
 )
 from shared.phones import InvalidPhone, to_e164
-from shared.pipeline import arm_dispatch, series_plan
+from shared.pipeline import arm_after_lead, arm_dispatch, series_plan
 from shared.schemas import Status, TimerKind, TimerMessage, parse_timer
 from shared.settings import QuietHours
 from shared.store import Context, Followup, FollowupStore, NextOccurrence
@@ -74,13 +74,17 @@ def priority_wake(frees_at: datetime, priority: int) -> datetime:
 
 async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
     due = parse_timer(incoming.body)
-    if due.kind is not TimerKind.DISPATCH:
+    if due.kind is TimerKind.PERSONALIZE:
         log.warning("timer of another kind dropped", kind=due.kind, followup_id=due.followup_id)
         return
-    TIMER_LATENESS.observe(max(0.0, -remaining(incoming.headers, deps.clock()).total_seconds()))
+    if due.kind is TimerKind.DISPATCH:
+        TIMER_LATENESS.observe(max(0.0, -remaining(incoming.headers, deps.clock()).total_seconds()))
     if not await wait_until_due(
         deps.timer, DISPATCHER_DUE.name, incoming.body, incoming.headers, deps.clock
     ):
+        return
+    if due.kind is TimerKind.LEAD:
+        await arm_after_lead(deps.timer, due, deps.personalize_lead, deps.clock())
         return
     claimed = await deps.store.claim(due.followup_id, due.version, deps.lease, deps.margin)
     if claimed is None:
@@ -164,10 +168,13 @@ async def _dispatch(
 
 
 def _text(row: Followup, context: Context) -> tuple[str, str | None]:
+    """The prepared text; else the template, rendered here: for a follow-up that asked for AI
+    that is a fallback (`not_ready`), for one that did not it is the plan."""
     if row.text_is_ready and row.prepared_text:
         return row.prepared_text, None
     template_context = TemplateContext(context.contractor, context.action_item, context.event)
-    return render(row.message_template, template_context), "not_ready"
+    rendered = render(row.message_template, template_context)
+    return rendered, "not_ready" if row.ai_should_personalize else None
 
 
 @dataclass(frozen=True)

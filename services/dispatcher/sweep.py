@@ -17,7 +17,7 @@ import asyncpg
 
 from shared.db import CONNECTION_ERRORS
 from shared.logging import get_logger
-from shared.pipeline import arm_dispatch, arm_followup
+from shared.pipeline import arm_dispatch, arm_preparation
 from shared.store import FollowupStore
 from shared.timers import Clock, Timer
 
@@ -40,7 +40,7 @@ async def sweep_once(
         await arm_dispatch(timer, row, clock(), row.attempts + 1)
     unprepared = await store.unprepared(grace, lead)
     for row in unprepared:
-        await arm_followup(timer, row, lead, timedelta(0))
+        await arm_preparation(timer, row, lead)
     return SweepReport(len(overdue), len(unprepared))
 
 

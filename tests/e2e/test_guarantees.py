@@ -11,7 +11,7 @@ import time
 import aio_pika
 import asyncpg
 
-from shared.topology import DISPATCHER_DUE, TIMER_LEVELS, level_name
+from shared.topology import DISPATCHER_DUE, timer_queues
 from testbed.webhook import Call, Reply
 from tests.e2e.conftest import request_followup, soon, wait_for_final, wait_until
 from tests.support.data import add_contractor
@@ -219,8 +219,8 @@ async def test_purged_timer_queues_are_repaired_by_the_sweep(
     async with connection:
         channel = await connection.channel()
         purged = 0
-        for level in range(TIMER_LEVELS):
-            queue = await channel.get_queue(level_name(level))
+        for name in timer_queues():
+            queue = await channel.get_queue(name)
             purged += (await queue.purge()).message_count
     rows = await wait_for_final(pool, 30, timeout=60)
     assert len(rows) == 30

@@ -86,8 +86,8 @@ async def test_metrics_are_served_in_prometheus_text():
     ("exchange", "routing_key", "label"),
     [
         (
-            "followups.timers.level.04",
-            "0." * 28 + "1.0.1.1.0.followups.dispatcher.due",
+            "followups.timers.digit.1",
+            "0.0.0.0.4.d.followups.dispatcher.due",
             "followups.timers.followups.dispatcher.due",
         ),
         (
