@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Start the local PostgreSQL and RabbitMQ if they are down, and wait until both answer.
+# Install libfaketime if it is missing: the clock-skew e2e test runs the services under it.
 set -euo pipefail
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
 rabbit_up() { timeout 5 bash -c '</dev/tcp/127.0.0.1/5672' 2>/dev/null; }
+faketime_present() { compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null; }
+apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+
+if ! faketime_present; then
+    echo "libfaketime is missing: installing faketime"
+    # The package lists may be old or absent on a fresh machine: refresh them only if needed.
+    apt_install faketime || { apt-get update -q >/dev/null && apt_install faketime; }
+fi
 
 if ! pg_up; then
     echo "PostgreSQL is down: starting it"

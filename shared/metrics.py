@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared.topology import DEAD_LETTER_EXCHANGE
 
@@ -77,3 +77,11 @@ LLM_LATENCY = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60),
 )
 LLM_TOKENS = Counter("followups_llm_tokens_total", "Tokens used, by kind", ["kind"])
+CLOCK_OFFSET = Gauge(
+    "followups_clock_offset_seconds",
+    "The database's clock minus this host's, at the measurement the service's clock runs on",
+)
+CLOCK_ERROR = Gauge(
+    "followups_clock_error_seconds",
+    "How far the true clock offset may lie from the measured one (half its round trip)",
+)

@@ -7,6 +7,7 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import aiormq.exceptions
@@ -15,13 +16,14 @@ from faststream import FastStream
 from faststream.rabbit.message import RabbitMessage
 
 from shared.bus import AmqpPublisher, make_broker
+from shared.clock import DatabaseClock, DatabaseTime
 from shared.consumer import Handler, consume, work_queue_subscriber
 from shared.db import CONNECTION_ERRORS, create_pool
 from shared.health import Readiness, ServiceApp, metrics_middleware
 from shared.logging import configure_logging, get_logger
 from shared.settings import Settings
 from shared.store import FollowupStore
-from shared.timers import Timer, make_timer, resolve_backend
+from shared.timers import Clock, Timer, make_timer, resolve_backend
 from shared.topology import WorkQueue, declare_topology
 
 T = TypeVar("T")
@@ -63,6 +65,8 @@ class Runtime:
     publisher: AmqpPublisher
     timer: Timer
     store: FollowupStore
+    # The database's time: what the claim compares with and the calls are recorded in.
+    clock: Clock
 
 
 def create_service_app(
@@ -114,21 +118,30 @@ def create_service_app(
             ),
         )
         readiness.pool = pool
+        clock = await when_reachable(
+            "database", log, lambda: DatabaseClock.start(DatabaseTime(pool))
+        )
         runtime = Runtime(
             settings=settings,
             pool=pool,
             publisher=publisher,
-            timer=make_timer(backend, publisher),
+            timer=make_timer(backend, publisher, clock),
             store=FollowupStore(pool),
+            clock=clock,
         )
         handlers.append(make_handler(runtime))
         runtimes.append(runtime)
         log.info(
             "service starting", queue=queue.name, timer_backend=backend.value, prefetch=prefetch
         )
+        clock_sync = asyncio.create_task(
+            clock.keep_in_sync(timedelta(seconds=settings.clock_sync_interval_seconds))
+        )
         try:
             yield
         finally:
+            clock_sync.cancel()
+            await asyncio.gather(clock_sync, return_exceptions=True)
             await pool.close()
             await publisher.close()
             log.info("service stopped")

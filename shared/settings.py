@@ -79,6 +79,8 @@ class Settings(BaseSettings):
 
     sweep_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 30
     sweep_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30
+    # How often each service measures the database's clock, which every service keeps time by.
+    clock_sync_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 10
 
     quiet_hours: str = "21:00-08:00"
     default_timezone: str = "America/New_York"

@@ -18,7 +18,6 @@ from services.dispatcher.sweep import Sweeper
 from shared.consumer import Handler
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
-from shared.timers import utcnow
 from shared.topology import DISPATCHER_DUE
 from shared.webhook_target import check_signing_secret, check_webhook_target
 
@@ -53,7 +52,7 @@ def create_app(settings: Settings) -> FastStream:
             timer=runtime.timer,
             publisher=runtime.publisher,
             gateway=gateway,
-            clock=utcnow,
+            clock=runtime.clock,
             rate_limit_per_minute=settings.sms_rate_limit_per_minute,
             max_attempts=settings.dispatch_max_attempts,
             # Longer than the webhook timeout, so a live dispatcher is never taken over.
@@ -71,7 +70,7 @@ def create_app(settings: Settings) -> FastStream:
             dsn=settings.database_url,
             store=runtime.store,
             timer=runtime.timer,
-            clock=utcnow,
+            clock=runtime.clock,
             interval=timedelta(seconds=settings.sweep_interval_seconds),
             grace=timedelta(seconds=settings.sweep_grace_seconds),
             lead=timedelta(seconds=settings.personalize_lead_seconds),

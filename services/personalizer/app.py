@@ -15,7 +15,6 @@ from shared.consumer import Handler
 from shared.logging import get_logger
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
-from shared.timers import utcnow
 from shared.topology import PERSONALIZER_DUE
 
 
@@ -42,7 +41,7 @@ def create_app(settings: Settings) -> FastStream:
             store=runtime.store,
             timer=runtime.timer,
             publisher=runtime.publisher,
-            clock=utcnow,
+            clock=runtime.clock,
             writer=writer,
             variants=variants,
             personalize_lead=timedelta(seconds=settings.personalize_lead_seconds),

@@ -11,7 +11,6 @@ from services.scheduler.handlers import SchedulerDeps, handle
 from shared.consumer import Handler
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
-from shared.timers import utcnow
 from shared.topology import SCHEDULER_INBOX
 
 
@@ -22,7 +21,7 @@ def _handler(runtime: Runtime) -> Handler:
         publisher=runtime.publisher,
         personalize_lead=timedelta(seconds=runtime.settings.personalize_lead_seconds),
         dispatch_margin=timedelta(milliseconds=runtime.settings.dispatch_margin_ms),
-        clock=utcnow,
+        clock=runtime.clock,
     )
     return partial(handle, deps=deps)
 
