@@ -10,7 +10,10 @@ from uuid import UUID
 
 import asyncpg
 
+from shared.logging import get_logger
 from shared.schemas import FollowupRequested, Status
+
+log = get_logger("followups.store")
 
 _COLUMNS = """
     id, contractor_id, action_item_id, event_id, scheduled_time, followup_type, message_template,
@@ -20,7 +23,8 @@ _COLUMNS = """
     send_key, version, priority, requested_by, series_id, status_reason, prepared_text,
     prepared_version, prepared_at, text_source, text_fallback_reason, ai_model, prompt_variant,
     attempts, next_attempt_at, last_error, claimed_at, lease_until, webhook_started_at,
-    lateness_ms, deferred_until, deferred_reason, calling_since, occurrence
+    lateness_ms, deferred_until, deferred_reason, calling_since, occurrence, claim_id,
+    cancel_requested_at, cancel_reason, reschedule_to, waiting_since
 """
 
 
@@ -72,6 +76,11 @@ class Followup:
     deferred_reason: str | None
     calling_since: datetime | None
     occurrence: int
+    claim_id: UUID | None  # the dispatcher claim that owns the send, while `sending`
+    cancel_requested_at: datetime | None  # a cancel that came during a call, decided after it
+    cancel_reason: str | None
+    reschedule_to: datetime | None  # likewise a reschedule
+    waiting_since: datetime | None  # waiting for a place in the global send window
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Followup:
@@ -82,18 +91,6 @@ class Followup:
     @property
     def text_is_ready(self) -> bool:
         return self.prepared_text is not None and self.prepared_version == self.version
-
-
-# One minute, plus a guard for the spread between recording a call and the gateway receiving it.
-RATE_WINDOW = timedelta(seconds=60, milliseconds=500)
-RATE_LIMIT_LOCK = 0x666F6C6C  # advisory lock key of the global send window
-
-
-@dataclass(frozen=True)
-class CallSlot:
-    call_id: int | None
-    frees_at: datetime | None
-    cancelled: bool = False
 
 
 CONTRACTOR_COLUMNS = (
@@ -146,7 +143,24 @@ class Context:
     event: dict[str, Any] | None
 
 
-async def _transition(
+async def _log_cancels(connection: asyncpg.Connection, rows: list[Followup], reason: str) -> None:
+    for row in rows:
+        if row.status is Status.CANCELLED:
+            await record_transition(
+                connection, row.id, "scheduler", None, Status.CANCELLED, {"reason": reason}
+            )
+        else:
+            await record_transition(
+                connection,
+                row.id,
+                "scheduler",
+                row.status,
+                row.status,
+                {"cancel_requested": reason, "decided_after_the_call": True},
+            )
+
+
+async def record_transition(
     connection: asyncpg.Connection,
     followup_id: int,
     stage: str,
@@ -166,34 +180,149 @@ async def _transition(
 
 
 _PENDING = "('scheduled', 'sending')"
-_CONTEXT_COLUMNS = ", ".join(
-    [f"c.{n} AS c_{n}" for n in CONTRACTOR_COLUMNS]
-    + [f"a.{n} AS a_{n}" for n in ACTION_ITEM_COLUMNS]
-    + [f"e.{n} AS e_{n}" for n in EVENT_COLUMNS]
-)
+
+
+def _cancel_set(reason: str) -> str:
+    """SET of a cancel (`reason` the parameter holding it) of a pending row `f`: at once, unless
+    its webhook call is under way; then it is kept for the dispatcher to apply after the call."""
+    return f"""
+    status = CASE WHEN f.calling_since IS NULL THEN 'cancelled' ELSE f.status END,
+    status_reason = CASE WHEN f.calling_since IS NULL THEN {reason} ELSE f.status_reason END,
+    version = f.version + CASE WHEN f.calling_since IS NULL THEN 1 ELSE 0 END,
+    lease_until = CASE WHEN f.calling_since IS NULL THEN NULL ELSE f.lease_until END,
+    claim_id = CASE WHEN f.calling_since IS NULL THEN NULL ELSE f.claim_id END,
+    cancel_requested_at = CASE WHEN f.calling_since IS NULL THEN f.cancel_requested_at
+                               ELSE coalesce(f.cancel_requested_at, now()) END,
+    cancel_reason = CASE WHEN f.calling_since IS NULL THEN f.cancel_reason
+                         ELSE coalesce(f.cancel_reason, {reason}) END,
+    updated_at = now()"""
+
+
 _SELECT = f"SELECT {_COLUMNS} FROM contractor_followup_schedules"
-# $1 id, $2 sent_by, $3 note, $4 text fallback reason, $5 http status, $6 webhook call id
-_MARK_SENT = f"""
-    WITH call AS (
-        UPDATE webhook_calls SET finished_at = clock_timestamp(), outcome = 'sent',
-            http_status = $5
-        WHERE id = $6),
-    sent AS (
-        UPDATE contractor_followup_schedules
-        SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2, status_reason = $3,
-            lease_until = NULL, last_error = NULL, calling_since = NULL,
-            text_source = CASE WHEN $4::text IS NULL THEN coalesce(text_source, 'template')
-                               ELSE 'template' END,
-            text_fallback_reason = coalesce($4, text_fallback_reason), updated_at = now()
-        WHERE id = $1 AND status = 'sending'
-        RETURNING {_COLUMNS}),
-    logged AS (
-        INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
-        SELECT id, 'dispatcher', 'sending', 'sent',
-               jsonb_build_object('sent_by', sent_by, 'attempt', attempts,
-                                  'lateness_ms', lateness_ms)
-        FROM sent)
-    SELECT * FROM sent"""
+
+
+async def move(
+    connection: asyncpg.Connection, current: Followup, scheduled_time: datetime, *, stage: str
+) -> Followup:
+    """Reschedule a pending row (locked by the caller) under a new version, as a fresh
+    `scheduled` occurrence: no claim, no wait, no attempt time of the old one."""
+    record = await connection.fetchrow(
+        f"""UPDATE contractor_followup_schedules
+            SET scheduled_time = $2, version = version + 1, status = 'scheduled',
+                next_attempt_at = NULL, lease_until = NULL, deferred_until = NULL,
+                deferred_reason = NULL, lateness_ms = NULL, webhook_started_at = NULL,
+                claim_id = NULL, calling_since = NULL, waiting_since = NULL,
+                reschedule_to = NULL, updated_at = now()
+            WHERE id = $1
+            RETURNING {_COLUMNS}""",
+        current.id,
+        scheduled_time,
+    )
+    row = Followup.from_record(record)
+    await record_transition(
+        connection,
+        row.id,
+        stage,
+        current.status,
+        Status.SCHEDULED,
+        {
+            "rescheduled_from": current.scheduled_time.isoformat(),
+            "scheduled_time": scheduled_time.isoformat(),
+            "version": row.version,
+        },
+    )
+    return row
+
+
+async def end(
+    connection: asyncpg.Connection,
+    row: Followup,
+    status: Status,
+    *,
+    stage: str,
+    reason: str,
+    claim_id: UUID | None,
+) -> Followup | None:
+    """A pending row to a final status other than sent: a `scheduled` one, or with `claim_id`
+    a `sending` one this claim owns. None when it had moved on."""
+    record = await connection.fetchrow(
+        f"""UPDATE contractor_followup_schedules
+            SET status = $2, status_reason = $3, lease_until = NULL, updated_at = now(),
+                calling_since = NULL, claim_id = NULL, waiting_since = NULL,
+                version = version + CASE WHEN $2 = 'cancelled' THEN 1 ELSE 0 END,
+                last_error = CASE WHEN $2 = 'failed' THEN $3 ELSE last_error END
+            WHERE id = $1 AND CASE WHEN $4::uuid IS NULL THEN status = 'scheduled'
+                                   ELSE status = 'sending' AND claim_id = $4 END
+            RETURNING {_COLUMNS}""",
+        row.id,
+        status,
+        reason,
+        claim_id,
+    )
+    if record is None:
+        return None
+    await record_transition(connection, row.id, stage, row.status, status, {"reason": reason})
+    return Followup.from_record(record)
+
+
+async def continue_series(
+    connection: asyncpg.Connection, row: Followup, scheduled_time: datetime, *, stage: str
+) -> tuple[Followup, Followup, bool]:
+    """Create (once) the next occurrence of a recurring row that just ended and link it.
+    Returns (the ended row, linked; the next occurrence; whether it was created now). Its
+    timers are for the caller to arm after the commit."""
+    record = await connection.fetchrow(
+        f"""INSERT INTO contractor_followup_schedules (
+                contractor_id, action_item_id, event_id, scheduled_time, followup_type,
+                message_template, message_tone, ai_should_personalize, ai_context_hints,
+                skip_if_completed, is_recurring, recurrence_interval_days, idempotency_key,
+                priority, requested_by, series_id, occurrence, prompt_variant)
+            SELECT contractor_id, action_item_id, event_id, $2, followup_type,
+                   message_template, message_tone, ai_should_personalize, ai_context_hints,
+                   skip_if_completed, true, recurrence_interval_days,
+                   'next:' || id, priority, requested_by, coalesce(series_id, id),
+                   occurrence + 1, NULL
+            FROM contractor_followup_schedules WHERE id = $1
+            ON CONFLICT (idempotency_key) DO NOTHING
+            RETURNING {_COLUMNS}""",
+        row.id,
+        scheduled_time,
+    )
+    if record is None:
+        existing = await connection.fetchrow(
+            f"{_SELECT} WHERE idempotency_key = $1", f"next:{row.id}"
+        )
+        return row, Followup.from_record(existing), False
+    following = Followup.from_record(record)
+    await record_transition(
+        connection,
+        following.id,
+        stage,
+        None,
+        Status.SCHEDULED,
+        {"previous_occurrence": row.id, "scheduled_time": scheduled_time.isoformat()},
+    )
+    linked = await connection.fetchrow(
+        f"""UPDATE contractor_followup_schedules SET next_occurrence_id = $2
+            WHERE id = $1 RETURNING {_COLUMNS}""",
+        row.id,
+        following.id,
+    )
+    return Followup.from_record(linked), following, True
+
+
+async def arm_after_commit(plan: NextOccurrence, following: Followup) -> None:
+    """Arm a committed new occurrence. Its row is the record: if the broker refuses now, the
+    failure is logged, not raised (nothing of the commit is undone), and the repair sweep arms
+    the occurrence once its timer is overdue."""
+    try:
+        await plan.arm(following)
+    except Exception as exc:
+        log.warning(
+            "next occurrence recorded but its timers not armed; the repair sweep will arm it",
+            followup_id=following.id,
+            error=exc.__class__.__name__,
+        )
 
 
 class FollowupStore:
@@ -287,8 +416,10 @@ class FollowupStore:
 
     async def cancel(self, reference: Reference, reason: str) -> list[Followup]:
         """Cancel the follow-up, and the pending occurrence of its series when it is recurring.
-        Refused (nothing returned) for a row whose webhook call is already under way. A key with
-        no row yet is remembered, so a request that arrives after its cancel is never sent."""
+        A row whose webhook call is under way keeps the cancel (`cancel_requested_at`) and is
+        returned still `sending`: the dispatcher decides when the call ends (cancelled unless
+        the gateway accepted it). A key with no row yet is remembered, so a request that arrives
+        after its cancel is never sent."""
         async with self._pool.acquire() as connection, connection.transaction():
             key = reference.stored_key
             if key is not None:
@@ -310,22 +441,17 @@ class FollowupStore:
                         FROM contractor_followup_schedules
                         WHERE id = $1 OR idempotency_key = $2)
                     UPDATE contractor_followup_schedules AS f
-                    SET status = 'cancelled', status_reason = $3, version = f.version + 1,
-                        lease_until = NULL, updated_at = now()
+                    SET {_cancel_set("$3")}
                     FROM target
                     WHERE (f.id = target.id OR f.series_id = target.series)
-                      AND (f.status = 'scheduled'
-                           OR (f.status = 'sending' AND f.calling_since IS NULL))
-                    RETURNING {_prefixed("f")}""",
+                      AND f.status IN {_PENDING}
+                    RETURNING {row_columns("f")}""",
                 reference.followup_id,
                 reference.stored_key,
                 reason,
             )
             rows = [Followup.from_record(r) for r in records]
-            for row in rows:
-                await _transition(
-                    connection, row.id, "scheduler", None, Status.CANCELLED, {"reason": reason}
-                )
+            await _log_cancels(connection, rows, reason)
             return rows
 
     async def reschedule(
@@ -337,43 +463,43 @@ class FollowupStore:
     ) -> Followup | None:
         """Move a pending follow-up to a new time under a new version: the old timers are
         dropped when they fire, the new ones (armed in `before_commit`) are the only live ones.
-        None when there is nothing pending to move; the row unchanged when the time is the same."""
+        None when there is nothing pending to move; the row unchanged when the time is the same.
+        A row whose webhook call is under way keeps the new time (`reschedule_to`) and is
+        returned still `sending`: the dispatcher moves it when the call ends, unless the gateway
+        accepted the call."""
         async with self._pool.acquire() as connection, connection.transaction():
-            current = await connection.fetchrow(
-                f"""{_SELECT} WHERE (id = $1 OR idempotency_key = $2)
-                      AND (status = 'scheduled' OR (status = 'sending' AND calling_since IS NULL))
+            record = await connection.fetchrow(
+                f"""{_SELECT} WHERE (id = $1 OR idempotency_key = $2) AND status IN {_PENDING}
                     FOR UPDATE""",
                 reference.followup_id,
                 reference.stored_key,
             )
-            if current is None:
+            if record is None:
                 return None
-            if current["scheduled_time"] == scheduled_time:
-                return Followup.from_record(current)
-            record = await connection.fetchrow(
-                f"""UPDATE contractor_followup_schedules
-                    SET scheduled_time = $2, version = version + 1, status = 'scheduled',
-                        next_attempt_at = NULL, lease_until = NULL, deferred_until = NULL,
-                        deferred_reason = NULL, lateness_ms = NULL, webhook_started_at = NULL,
-                        updated_at = now()
-                    WHERE id = $1
-                    RETURNING {_COLUMNS}""",
-                current["id"],
-                scheduled_time,
-            )
-            row = Followup.from_record(record)
-            await _transition(
-                connection,
-                row.id,
-                "scheduler",
-                current["status"],
-                Status.SCHEDULED,
-                {
-                    "rescheduled_from": current["scheduled_time"].isoformat(),
-                    "scheduled_time": scheduled_time.isoformat(),
-                    "version": row.version,
-                },
-            )
+            current = Followup.from_record(record)
+            if current.calling_since is not None:
+                kept = await connection.fetchrow(
+                    f"""UPDATE contractor_followup_schedules SET reschedule_to = $2,
+                            updated_at = now()
+                        WHERE id = $1 RETURNING {_COLUMNS}""",
+                    current.id,
+                    scheduled_time,
+                )
+                await record_transition(
+                    connection,
+                    current.id,
+                    "scheduler",
+                    current.status,
+                    current.status,
+                    {
+                        "reschedule_requested": scheduled_time.isoformat(),
+                        "decided_after_the_call": True,
+                    },
+                )
+                return Followup.from_record(kept)
+            if current.scheduled_time == scheduled_time:
+                return current
+            row = await move(connection, current, scheduled_time, stage="scheduler")
             await before_commit(row)
             return row
 
@@ -419,7 +545,7 @@ class FollowupStore:
             )
             recorded = Followup.from_record(record) if record else None
             if recorded is not None:
-                await _transition(
+                await record_transition(
                     connection,
                     recorded.id,
                     "scheduler",
@@ -436,25 +562,15 @@ class FollowupStore:
                 )
             if opt_out:
                 records = await connection.fetch(
-                    f"""UPDATE contractor_followup_schedules
-                        SET status = 'cancelled', status_reason = 'opted_out',
-                            version = version + 1, lease_until = NULL, updated_at = now()
-                        WHERE contractor_id = $1
-                          AND (status = 'scheduled'
-                               OR (status = 'sending' AND calling_since IS NULL))
-                        RETURNING {_COLUMNS}""",
+                    f"""UPDATE contractor_followup_schedules AS f
+                        SET {_cancel_set("'opted_out'")}
+                        WHERE f.contractor_id = $1 AND f.status IN {_PENDING}
+                        RETURNING {row_columns("f")}""",
                     contractor,
                 )
-                cancelled = [Followup.from_record(r) for r in records]
-                for row in cancelled:
-                    await _transition(
-                        connection,
-                        row.id,
-                        "scheduler",
-                        None,
-                        Status.CANCELLED,
-                        {"reason": "opted_out"},
-                    )
+                touched = [Followup.from_record(r) for r in records]
+                await _log_cancels(connection, touched, "opted_out")
+                cancelled = [row for row in touched if row.status is Status.CANCELLED]
             return ResponseOutcome(contractor, recorded, cancelled, opt_out)
 
     # ---- preparing the text -----------------------------------------------------------------
@@ -515,7 +631,7 @@ class FollowupStore:
                 variant,
             )
             if done is not None:
-                await _transition(
+                await record_transition(
                     connection,
                     followup_id,
                     "personalizer",
@@ -525,212 +641,7 @@ class FollowupStore:
                 )
             return done is not None
 
-    # ---- sending ----------------------------------------------------------------------------
-
-    async def claim(
-        self, followup_id: int, version: int, lease: timedelta, early: timedelta
-    ) -> tuple[Followup, Context | None] | None:
-        """Take the occurrence for sending, in one statement: the version must match, the row
-        must be due (within `early`) and still scheduled (a committed cancel wins), or its
-        lease expired. The same round trip records the transition and reads the contractor,
-        action item and event the send needs."""
-        record = await self._pool.fetchrow(
-            f"""WITH previous AS (
-                    SELECT status FROM contractor_followup_schedules WHERE id = $1),
-                claimed AS (
-                    UPDATE contractor_followup_schedules AS f
-                    SET status = 'sending', claimed_at = clock_timestamp(),
-                        lease_until = clock_timestamp() + $3::interval, calling_since = NULL,
-                        attempts = f.attempts + 1, updated_at = now()
-                    FROM previous
-                    WHERE f.id = $1 AND f.version = $2
-                      AND f.scheduled_time <= clock_timestamp() + $4::interval
-                      AND ((f.status = 'scheduled' AND (f.next_attempt_at IS NULL
-                                                        OR f.next_attempt_at <= clock_timestamp()))
-                           OR (f.status = 'sending' AND f.lease_until < clock_timestamp()))
-                    RETURNING previous.status AS previous_status, {_prefixed("f")}),
-                logged AS (
-                    INSERT INTO followup_transitions
-                        (followup_id, stage, from_status, to_status, detail)
-                    SELECT id, 'dispatcher', previous_status, 'sending',
-                           jsonb_build_object('attempt', attempts,
-                                              'takeover', previous_status = 'sending')
-                    FROM claimed)
-                SELECT claimed.*, {_CONTEXT_COLUMNS}
-                FROM claimed
-                LEFT JOIN contractors AS c ON c.id = claimed.contractor_id
-                LEFT JOIN contractor_action_items AS a ON a.id = claimed.action_item_id
-                LEFT JOIN events AS e ON e.id = claimed.event_id""",
-            followup_id,
-            version,
-            lease,
-            early,
-        )
-        if record is None:
-            return None
-        data = dict(record)
-        data.pop("previous_status")
-        parts: dict[str, dict[str, Any]] = {"c": {}, "a": {}, "e": {}}
-        for name in [k for k in data if k[:2] in ("c_", "a_", "e_")]:
-            parts[name[0]][name[2:]] = data.pop(name)
-        context = None
-        if parts["c"]["id"] is not None:
-            context = Context(
-                parts["c"],
-                parts["a"] if parts["a"]["id"] is not None else None,
-                parts["e"] if parts["e"]["id"] is not None else None,
-            )
-        return Followup.from_record(data), context
-
-    async def start_call(self, row: Followup, *, limit_per_minute: int) -> CallSlot:
-        """Take a place in the global send window (all dispatcher replicas share it), honour a
-        fleet-wide pause after a 429, and record the webhook call; or say when to try again.
-        `cancelled` when a cancel committed since the claim: then nothing may be sent."""
-        record = await self._pool.fetchrow(
-            "SELECT call_id, frees_at, cancelled FROM followups_start_call($1, $2, $3, $4, $5)",
-            row.id,
-            row.version,
-            limit_per_minute,
-            RATE_WINDOW,
-            RATE_LIMIT_LOCK,
-        )
-        return CallSlot(
-            call_id=record["call_id"], frees_at=record["frees_at"], cancelled=record["cancelled"]
-        )
-
-    async def record_call_end(self, call_id: int, outcome: str, http_status: int | None) -> None:
-        await self._pool.execute(
-            """UPDATE webhook_calls SET finished_at = clock_timestamp(), outcome = $2,
-               http_status = $3 WHERE id = $1""",
-            call_id,
-            outcome,
-            http_status,
-        )
-
-    async def pause_gateway(self, until: datetime, reason: str) -> None:
-        await self._pool.execute(
-            """INSERT INTO gateway_pause (id, paused_until, reason) VALUES (1, $1, $2)
-               ON CONFLICT (id) DO UPDATE
-               SET paused_until = greatest(gateway_pause.paused_until, excluded.paused_until),
-                   reason = excluded.reason""",
-            until,
-            reason,
-        )
-
-    async def mark_sent(
-        self,
-        row: Followup,
-        *,
-        call_id: int,
-        http_status: int | None,
-        sent_by: str,
-        note: str | None,
-        text_fallback_reason: str | None,
-        next_occurrence: NextOccurrence | None,
-    ) -> tuple[Followup | None, Followup | None]:
-        """Sent: the call, the row and its transition in one statement, and in the same
-        transaction the next occurrence of a recurring follow-up. Returns (the sent row, the
-        next occurrence); (None, None) if the row had left 'sending'."""
-        arguments = (
-            row.id,
-            sent_by,
-            note,
-            text_fallback_reason,
-            http_status,
-            call_id,
-        )
-        if next_occurrence is None:  # one statement, no explicit transaction: one round trip
-            record = await self._pool.fetchrow(_MARK_SENT, *arguments)
-            return (Followup.from_record(record) if record else None), None
-        async with self._pool.acquire() as connection, connection.transaction():
-            record = await connection.fetchrow(_MARK_SENT, *arguments)
-            if record is None:
-                return None, None
-            sent = Followup.from_record(record)
-            return await self._continue_series(connection, sent, next_occurrence)
-
-    async def _continue_series(
-        self, connection: asyncpg.Connection, row: Followup, plan: NextOccurrence
-    ) -> tuple[Followup, Followup]:
-        record = await connection.fetchrow(
-            f"""INSERT INTO contractor_followup_schedules (
-                    contractor_id, action_item_id, event_id, scheduled_time, followup_type,
-                    message_template, message_tone, ai_should_personalize, ai_context_hints,
-                    skip_if_completed, is_recurring, recurrence_interval_days, idempotency_key,
-                    priority, requested_by, series_id, occurrence, prompt_variant)
-                SELECT contractor_id, action_item_id, event_id, $2, followup_type,
-                       message_template, message_tone, ai_should_personalize, ai_context_hints,
-                       skip_if_completed, true, recurrence_interval_days,
-                       'next:' || id, priority, requested_by, coalesce(series_id, id),
-                       occurrence + 1, NULL
-                FROM contractor_followup_schedules WHERE id = $1
-                ON CONFLICT (idempotency_key) DO NOTHING
-                RETURNING {_COLUMNS}""",
-            row.id,
-            plan.scheduled_time,
-        )
-        if record is None:
-            existing = await connection.fetchrow(
-                f"{_SELECT} WHERE idempotency_key = $1", f"next:{row.id}"
-            )
-            return row, Followup.from_record(existing)
-        following = Followup.from_record(record)
-        await _transition(
-            connection,
-            following.id,
-            "dispatcher",
-            None,
-            Status.SCHEDULED,
-            {"previous_occurrence": row.id, "scheduled_time": plan.scheduled_time.isoformat()},
-        )
-        linked = await connection.fetchrow(
-            f"""UPDATE contractor_followup_schedules SET next_occurrence_id = $2
-                WHERE id = $1 RETURNING {_COLUMNS}""",
-            row.id,
-            following.id,
-        )
-        await plan.arm(following)
-        return Followup.from_record(linked), following
-
-    async def release_for_retry(
-        self,
-        row: Followup,
-        *,
-        next_attempt_at: datetime,
-        error: str,
-        count_attempt: bool = True,
-        deferred_reason: str | None = None,
-    ) -> bool:
-        """Back to `scheduled` for a later attempt (the timer for it is already armed).
-        `deferred_reason` marks a move that is policy, not failure (quiet hours, rate limit)."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            done = await connection.fetchval(
-                """UPDATE contractor_followup_schedules
-                   SET status = 'scheduled', next_attempt_at = $2,
-                       last_error = CASE WHEN $5::text IS NULL THEN $3 ELSE last_error END,
-                       lease_until = NULL, calling_since = NULL,
-                       attempts = attempts - CASE WHEN $4 THEN 0 ELSE 1 END,
-                       deferred_until = CASE WHEN $5::text IS NULL THEN deferred_until ELSE $2 END,
-                       deferred_reason = coalesce($5, deferred_reason),
-                       updated_at = now()
-                   WHERE id = $1 AND status = 'sending'
-                   RETURNING id""",
-                row.id,
-                next_attempt_at,
-                error,
-                count_attempt,
-                deferred_reason,
-            )
-            if done is not None:
-                await _transition(
-                    connection,
-                    row.id,
-                    "dispatcher",
-                    Status.SENDING,
-                    Status.SCHEDULED,
-                    {"retry_at": next_attempt_at.isoformat(), "reason": error},
-                )
-            return done is not None
+    # ---- ending -----------------------------------------------------------------------------
 
     async def finish(
         self,
@@ -740,28 +651,24 @@ class FollowupStore:
         stage: str,
         reason: str,
         next_occurrence: NextOccurrence | None = None,
+        claim_id: UUID | None = None,
     ) -> tuple[Followup | None, Followup | None]:
-        """End a follow-up that is not sent (failed, skipped) from a non-final status; a
-        recurring one continues with its next occurrence in the same transaction."""
+        """End a follow-up that is not sent (failed, skipped): a `scheduled` one, or with
+        `claim_id` a `sending` one that this claim still owns. A recurring one continues with its
+        next occurrence, created in the same transaction and armed after the commit.
+        (None, None) when the row had moved on."""
         async with self._pool.acquire() as connection, connection.transaction():
-            record = await connection.fetchrow(
-                f"""UPDATE contractor_followup_schedules
-                    SET status = $2, status_reason = $3, lease_until = NULL, updated_at = now(),
-                        calling_since = NULL,
-                        last_error = CASE WHEN $2 = 'failed' THEN $3 ELSE last_error END
-                    WHERE id = $1 AND status IN {_PENDING}
-                    RETURNING {_COLUMNS}""",
-                row.id,
-                status,
-                reason,
+            ended = await end(
+                connection, row, status, stage=stage, reason=reason, claim_id=claim_id
             )
-            if record is None:
-                return None, None
-            await _transition(connection, row.id, stage, row.status, status, {"reason": reason})
-            ended = Followup.from_record(record)
-            if next_occurrence is None:
+            if ended is None or next_occurrence is None:
                 return ended, None
-            return await self._continue_series(connection, ended, next_occurrence)
+            ended, following, created = await continue_series(
+                connection, ended, next_occurrence.scheduled_time, stage=stage
+            )
+        if created:
+            await arm_after_commit(next_occurrence, following)
+        return ended, following
 
     # ---- repair -----------------------------------------------------------------------------
 
@@ -805,5 +712,6 @@ class FollowupStore:
         return [Followup.from_record(r) for r in records]
 
 
-def _prefixed(alias: str) -> str:
+def row_columns(alias: str) -> str:
+    """Every column of a row as `alias.name`, the order `Followup` is built from."""
     return ", ".join(f"{alias}.{name.strip()}" for name in _COLUMNS.split(",") if name.strip())

@@ -14,6 +14,7 @@ from standardwebhooks import Webhook
 
 from services.dispatcher.gateway import ConsoleSink, Gateway, WebhookGateway
 from services.dispatcher.handlers import DispatcherDeps, handle
+from services.dispatcher.repository import DispatchRepository
 from services.dispatcher.sweep import Sweeper
 from shared.consumer import Handler
 from shared.service import Runtime, create_service_app
@@ -48,14 +49,13 @@ def create_app(settings: Settings) -> FastStream:
 
     def _handler(runtime: Runtime) -> Handler:
         deps = DispatcherDeps(
-            store=runtime.store,
+            repository=DispatchRepository(runtime.pool, runtime.store),
             timer=runtime.timer,
             publisher=runtime.publisher,
             gateway=gateway,
             clock=runtime.clock,
             rate_limit_per_minute=settings.sms_rate_limit_per_minute,
             max_attempts=settings.dispatch_max_attempts,
-            # Longer than the webhook timeout, so a live dispatcher is never taken over.
             lease=timedelta(seconds=settings.webhook_timeout_seconds * 2 + 5),
             personalize_lead=timedelta(seconds=settings.personalize_lead_seconds),
             quiet_hours=settings.quiet_window,

@@ -127,6 +127,13 @@ async def cancel(command: CancelRequested, deps: SchedulerDeps) -> None:
         )
         return
     for row in rows:
+        if row.status is Status.SENDING:
+            log.info(
+                "webhook call under way; the cancel is kept and wins unless the call is accepted",
+                followup_id=row.id,
+                contractor_id=row.contractor_id,
+            )
+            continue
         log.info("follow-up cancelled", followup_id=row.id, contractor_id=row.contractor_id)
         await announce(
             deps.publisher, "followup.cancelled", row, deps.clock, reason=row.status_reason
@@ -140,6 +147,13 @@ async def reschedule(command: RescheduleRequested, deps: SchedulerDeps) -> None:
     )
     if row is None:
         log.info("nothing pending to reschedule", followup_id=command.followup_id)
+        return
+    if row.status is Status.SENDING:
+        log.info(
+            "webhook call under way; the new time is kept and wins unless the call is accepted",
+            followup_id=row.id,
+            contractor_id=row.contractor_id,
+        )
         return
     log.info(
         "follow-up rescheduled",

@@ -1,0 +1,392 @@
+"""The dispatcher's record of a send: claim an occurrence, start its webhook call in the global
+window, and settle it (sent, retried, failed, or a cancel or reschedule that came during the call).
+
+Every claim gets an owner token (`claim_id`); each later statement of the send checks it, so a
+dispatcher whose claim was taken over can change nothing. The lease of a claim is renewed while
+its owner waits for a call place in its own process and starts again when the call starts, so
+another dispatcher takes over only from an owner that is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+
+from services.dispatcher import send_window
+from services.dispatcher.send_window import CallSlot
+from shared.schemas import Status
+from shared.store import (
+    ACTION_ITEM_COLUMNS,
+    CONTRACTOR_COLUMNS,
+    EVENT_COLUMNS,
+    Context,
+    Followup,
+    FollowupStore,
+    NextOccurrence,
+    arm_after_commit,
+    continue_series,
+    end,
+    move,
+    record_transition,
+    row_columns,
+)
+
+_ROW = row_columns("f")
+_CONTEXT_COLUMNS = ", ".join(
+    [f"c.{n} AS c_{n}" for n in CONTRACTOR_COLUMNS]
+    + [f"a.{n} AS a_{n}" for n in ACTION_ITEM_COLUMNS]
+    + [f"e.{n} AS e_{n}" for n in EVENT_COLUMNS]
+)
+
+_CLAIM = f"""
+    WITH previous AS (
+        SELECT status FROM contractor_followup_schedules WHERE id = $1),
+    claimed AS (
+        UPDATE contractor_followup_schedules AS f
+        SET status = 'sending', claim_id = gen_random_uuid(), claimed_at = clock_timestamp(),
+            lease_until = clock_timestamp() + $3::interval, calling_since = NULL,
+            attempts = f.attempts + 1, updated_at = now()
+        FROM previous
+        WHERE f.id = $1 AND f.version = $2
+          AND f.scheduled_time <= clock_timestamp() + $4::interval
+          AND ((f.status = 'scheduled' AND (f.next_attempt_at IS NULL
+                                            OR f.next_attempt_at <= clock_timestamp()))
+               OR (f.status = 'sending' AND f.lease_until < clock_timestamp()))
+        RETURNING previous.status AS previous_status, {_ROW}),
+    logged AS (
+        INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
+        SELECT id, 'dispatcher', previous_status, 'sending',
+               jsonb_build_object('attempt', attempts, 'takeover', previous_status = 'sending')
+        FROM claimed)
+    SELECT claimed.*, {_CONTEXT_COLUMNS}
+    FROM claimed
+    LEFT JOIN contractors AS c ON c.id = claimed.contractor_id
+    LEFT JOIN contractor_action_items AS a ON a.id = claimed.action_item_id
+    LEFT JOIN events AS e ON e.id = claimed.event_id"""
+
+# $1 id, $2 sent_by, $3 note, $4 text fallback reason, $5 http status, $6 webhook call id,
+# $7 claim id. A cancel or reschedule kept during the call came too late: the row says so.
+_MARK_SENT = f"""
+    WITH call AS (
+        UPDATE webhook_calls SET finished_at = clock_timestamp(), outcome = 'sent',
+            http_status = $5
+        WHERE id = $6),
+    sent AS (
+        UPDATE contractor_followup_schedules AS f
+        SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2,
+            status_reason = CASE WHEN f.cancel_requested_at IS NOT NULL THEN 'cancel_too_late'
+                                 WHEN f.reschedule_to IS NOT NULL THEN 'reschedule_too_late'
+                                 ELSE $3 END,
+            lease_until = NULL, last_error = NULL, calling_since = NULL, claim_id = NULL,
+            waiting_since = NULL,
+            text_source = CASE WHEN $4::text IS NULL THEN coalesce(f.text_source, 'template')
+                               ELSE 'template' END,
+            text_fallback_reason = coalesce($4, f.text_fallback_reason), updated_at = now()
+        WHERE f.id = $1 AND f.status = 'sending' AND f.claim_id = $7
+        RETURNING {_ROW}),
+    logged AS (
+        INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
+        SELECT id, 'dispatcher', 'sending', 'sent',
+               jsonb_build_object('sent_by', sent_by, 'attempt', attempts,
+                                  'lateness_ms', lateness_ms)
+        FROM sent
+        UNION ALL
+        SELECT id, 'dispatcher', 'sent', 'sent',
+               jsonb_strip_nulls(jsonb_build_object(
+                   'too_late', true, 'cancel_requested', cancel_reason,
+                   'reschedule_requested', reschedule_to))
+        FROM sent WHERE cancel_requested_at IS NOT NULL OR reschedule_to IS NOT NULL)
+    SELECT * FROM sent"""
+
+# $1 id, $2 claim id, $3 next attempt, $4 error, $5 count the attempt, $6 deferred reason,
+# $7 still waiting for a place in the send window
+_RELEASE = """
+    UPDATE contractor_followup_schedules
+    SET status = 'scheduled', next_attempt_at = $3,
+        last_error = CASE WHEN $6::text IS NULL THEN $4 ELSE last_error END,
+        lease_until = NULL, calling_since = NULL, claim_id = NULL,
+        waiting_since = CASE WHEN $7 THEN waiting_since END,
+        attempts = attempts - CASE WHEN $5 THEN 0 ELSE 1 END,
+        deferred_until = CASE WHEN $6::text IS NULL THEN deferred_until ELSE $3 END,
+        deferred_reason = coalesce($6, deferred_reason),
+        updated_at = now()
+    WHERE id = $1 AND status = 'sending' AND claim_id = $2
+    RETURNING id"""
+
+
+@dataclass(frozen=True)
+class Sent:
+    row: Followup | None  # None: the claim was lost meanwhile, nothing recorded on the row
+    following: Followup | None
+    too_late: str | None  # "cancel" or "reschedule" when one came during the accepted call
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Try again at `at`; `arm` publishes the timer for it (before the commit)."""
+
+    at: datetime
+    reason: str
+    arm: Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+    plan: NextOccurrence | None
+
+
+class Settlement(StrEnum):
+    RETRY = "retry"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RESCHEDULED = "rescheduled"
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class Settled:
+    kind: Settlement
+    row: Followup | None = None
+    following: Followup | None = None
+
+
+class DispatchRepository:
+    def __init__(self, pool: asyncpg.Pool, store: FollowupStore) -> None:
+        self._pool = pool
+        self._store = store
+
+    async def get(self, followup_id: int) -> Followup | None:
+        return await self._store.get(followup_id)
+
+    async def claim(
+        self, followup_id: int, version: int, lease: timedelta, early: timedelta
+    ) -> tuple[Followup, Context | None] | None:
+        """Take the occurrence for sending under a new claim id, in one statement: the version
+        must match, the row must be due (within `early`) and still scheduled (a committed cancel
+        wins), or its owner gone (lease run out). The same round trip records the transition
+        and reads the contractor, action item and event the send needs."""
+        record = await self._pool.fetchrow(_CLAIM, followup_id, version, lease, early)
+        if record is None:
+            return None
+        data = dict(record)
+        data.pop("previous_status")
+        parts: dict[str, dict[str, Any]] = {"c": {}, "a": {}, "e": {}}
+        for name in [k for k in data if k[:2] in ("c_", "a_", "e_")]:
+            parts[name[0]][name[2:]] = data.pop(name)
+        context = None
+        if parts["c"]["id"] is not None:
+            context = Context(
+                parts["c"],
+                parts["a"] if parts["a"]["id"] is not None else None,
+                parts["e"] if parts["e"]["id"] is not None else None,
+            )
+        return Followup.from_record(data), context
+
+    async def renew(self, row: Followup, lease: timedelta) -> bool:
+        """Extend the lease of a claim still waiting for its call; False if it was lost."""
+        renewed = await self._pool.fetchval(
+            """UPDATE contractor_followup_schedules
+               SET lease_until = clock_timestamp() + $3::interval
+               WHERE id = $1 AND status = 'sending' AND claim_id = $2 AND calling_since IS NULL
+               RETURNING id""",
+            row.id,
+            row.claim_id,
+            lease,
+        )
+        return renewed is not None
+
+    async def start_call(
+        self, row: Followup, *, limit_per_minute: int, lease: timedelta
+    ) -> CallSlot:
+        """A place in the global send window and the call recorded, its lease from now; or when
+        this follow-up's place comes; or `lost`."""
+        assert row.claim_id is not None
+        return await send_window.start_call(
+            self._pool, row.id, row.claim_id, limit_per_minute=limit_per_minute, lease=lease
+        )
+
+    async def pause_gateway(self, until: datetime, reason: str) -> None:
+        await self._pool.execute(
+            """INSERT INTO gateway_pause (id, paused_until, reason) VALUES (1, $1, $2)
+               ON CONFLICT (id) DO UPDATE
+               SET paused_until = greatest(gateway_pause.paused_until, excluded.paused_until),
+                   reason = excluded.reason""",
+            until,
+            reason,
+        )
+
+    async def release_for_retry(
+        self,
+        row: Followup,
+        *,
+        next_attempt_at: datetime,
+        error: str,
+        count_attempt: bool = True,
+        deferred_reason: str | None = None,
+        waiting: bool = False,
+    ) -> bool:
+        """Back to `scheduled` before any call (the timer for it is already armed).
+        `deferred_reason` marks a move that is policy, not failure (quiet hours, send window);
+        `waiting` keeps its turn for a place in the send window."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            return await _release(
+                connection, row, next_attempt_at, error, count_attempt, deferred_reason, waiting
+            )
+
+    async def mark_sent(
+        self,
+        row: Followup,
+        *,
+        call_id: int,
+        http_status: int | None,
+        sent_by: str,
+        note: str | None,
+        text_fallback_reason: str | None,
+        next_occurrence: NextOccurrence | None,
+    ) -> Sent:
+        """Sent: the call, the row and its transition in one statement, and in the same
+        transaction the next occurrence of a recurring follow-up, unless a cancel came during
+        the call (it ends the series). The next occurrence is armed after the commit, so no
+        broker failure can undo "sent"."""
+        arguments = (row.id, sent_by, note, text_fallback_reason, http_status, call_id)
+        async with self._pool.acquire() as connection, connection.transaction():
+            record = await connection.fetchrow(_MARK_SENT, *arguments, row.claim_id)
+            if record is None:
+                return Sent(None, None, None)
+            sent = Followup.from_record(record)
+            too_late = (
+                "cancel"
+                if sent.cancel_requested_at is not None
+                else "reschedule"
+                if sent.reschedule_to is not None
+                else None
+            )
+            if next_occurrence is None or too_late == "cancel":
+                return Sent(sent, None, too_late)
+            sent, following, created = await continue_series(
+                connection, sent, next_occurrence.scheduled_time, stage="dispatcher"
+            )
+        if created:
+            await arm_after_commit(next_occurrence, following)
+        return Sent(sent, following, too_late)
+
+    async def settle_unsent(
+        self,
+        row: Followup,
+        *,
+        call_id: int | None,
+        outcome: str,
+        http_status: int | None,
+        then: Retry | GiveUp,
+        arm_moved: Callable[[Followup], Awaitable[None]],
+    ) -> Settled:
+        """After a call the gateway did not accept (or a takeover that cannot know): record the
+        call's end and decide, with the row locked, so a cancel or reschedule cannot slip in
+        between. A cancel kept during the call wins (cancelled, the series ends), then a kept
+        reschedule (the new time under a new version, its timers armed before the commit);
+        only then `then`: a retry, or the end as failed."""
+        following: Followup | None = None
+        created = False
+        async with self._pool.acquire() as connection, connection.transaction():
+            if call_id is not None:
+                await connection.execute(
+                    """UPDATE webhook_calls SET finished_at = clock_timestamp(), outcome = $2,
+                       http_status = $3 WHERE id = $1""",
+                    call_id,
+                    outcome,
+                    http_status,
+                )
+            record = await connection.fetchrow(
+                f"""SELECT {_ROW} FROM contractor_followup_schedules AS f
+                    WHERE f.id = $1 AND f.status = 'sending' AND f.claim_id = $2
+                    FOR UPDATE""",
+                row.id,
+                row.claim_id,
+            )
+            if record is None:
+                return Settled(Settlement.LOST)
+            current = Followup.from_record(record)
+            if current.cancel_requested_at is not None:
+                reason = current.cancel_reason or "cancel_requested"
+                ended = await end(
+                    connection,
+                    current,
+                    Status.CANCELLED,
+                    stage="dispatcher",
+                    reason=reason,
+                    claim_id=row.claim_id,
+                )
+                return Settled(Settlement.CANCELLED, ended)
+            if current.reschedule_to is not None:
+                moved = await move(connection, current, current.reschedule_to, stage="dispatcher")
+                await arm_moved(moved)
+                return Settled(Settlement.RESCHEDULED, moved)
+            if isinstance(then, Retry):
+                await then.arm()
+                await _release(connection, current, then.at, then.reason, True, None, False)
+                return Settled(Settlement.RETRY, current)
+            ended = await end(
+                connection,
+                current,
+                Status.FAILED,
+                stage="dispatcher",
+                reason=then.reason,
+                claim_id=row.claim_id,
+            )
+            if ended is not None and then.plan is not None:
+                ended, following, created = await continue_series(
+                    connection, ended, then.plan.scheduled_time, stage="dispatcher"
+                )
+        if created and then.plan is not None and following is not None:
+            await arm_after_commit(then.plan, following)
+        return Settled(Settlement.FAILED, ended, following)
+
+    async def finish(
+        self, row: Followup, status: Status, reason: str, plan: NextOccurrence | None
+    ) -> tuple[Followup | None, Followup | None]:
+        """End a claimed follow-up before any call (skipped, failed)."""
+        return await self._store.finish(
+            row,
+            status,
+            stage="dispatcher",
+            reason=reason,
+            next_occurrence=plan,
+            claim_id=row.claim_id,
+        )
+
+
+async def _release(
+    connection: asyncpg.Connection,
+    row: Followup,
+    next_attempt_at: datetime,
+    error: str,
+    count_attempt: bool,
+    deferred_reason: str | None,
+    waiting: bool,
+) -> bool:
+    done = await connection.fetchval(
+        _RELEASE,
+        row.id,
+        row.claim_id,
+        next_attempt_at,
+        error,
+        count_attempt,
+        deferred_reason,
+        waiting,
+    )
+    if done is not None:
+        await record_transition(
+            connection,
+            row.id,
+            "dispatcher",
+            Status.SENDING,
+            Status.SCHEDULED,
+            {"retry_at": next_attempt_at.isoformat(), "reason": error},
+        )
+    return done is not None

@@ -1,0 +1,140 @@
+"""The global send window: at most `limit` webhook calls in any `WINDOW`, across every dispatcher
+replica, kept in PostgreSQL (`webhook_calls`) and taken in one round trip.
+
+`followups_start_call` does, under one transaction-scoped advisory lock (`shared.locks.SEND_WINDOW`,
+two-key form, so it can never collide with a lock of another use):
+
+1. locks the row and checks it is still this claimant's (`claim_id`), still `sending` and not
+   yet calling; if not (cancelled, moved, taken over) it answers `lost` and nothing may be sent.
+   A cancel that commits after this waits for the row and finds the call under way;
+2. honours the fleet-wide pause a 429 set (`gateway_pause`): answers when it ends;
+3. counts the calls in the window and the follow-ups already waiting for a place, in the order
+   places are handed out: priority (higher first), then due time, then id. The call may start
+   when there are more free places than waiters ahead of it that are due now (within
+   `DUE_SLACK`: a waiter whose time passed long ago is gone and does not hold a place up). It
+   then records the call, marks the row as calling and starts its lease from this instant;
+4. otherwise marks the row as waiting and answers the instant of its own future place: with k
+   waiters ahead, the k-th place that frees up (the window's oldest calls expire one by one, and
+   the calls the waiters ahead make expire in their turn). Each place is so offered to one
+   follow-up, and in order, instead of waking every waiter at the first opening.
+
+The migration that installs this version holds the same text (a test compares them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+
+from shared.locks import SEND_WINDOW
+
+# One minute, plus a guard for the spread between recording a call and the gateway receiving it.
+WINDOW = timedelta(seconds=60, milliseconds=500)
+# A waiter ahead counts as "about to take its place" this long either side of its wake time.
+DUE_SLACK = timedelta(seconds=2)
+
+FUNCTION_SQL = """\
+CREATE OR REPLACE FUNCTION followups_start_call(
+    p_followup_id bigint, p_claim_id uuid, p_limit integer, p_window interval, p_lease interval,
+    p_slack interval, p_lock_namespace integer, p_lock_key integer
+) RETURNS TABLE (call_id bigint, frees_at timestamptz, lost boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz;
+    v_until timestamptz;
+    v_row contractor_followup_schedules%ROWTYPE;
+    v_recent timestamptz[];
+    v_free integer;
+    v_ahead integer;
+    v_due_ahead integer;
+    v_turn integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock_namespace, p_lock_key);
+    v_now := clock_timestamp();
+    SELECT * INTO v_row FROM contractor_followup_schedules AS f
+    WHERE f.id = p_followup_id AND f.status = 'sending' AND f.claim_id = p_claim_id
+      AND f.calling_since IS NULL
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::timestamptz, true;
+        RETURN;
+    END IF;
+    SELECT g.paused_until INTO v_until FROM gateway_pause AS g WHERE g.paused_until > v_now;
+    IF v_until IS NULL THEN
+        -- the window's calls that still hold a place, oldest first
+        SELECT coalesce(array_agg(last.called_at ORDER BY last.called_at), '{}') INTO v_recent
+        FROM (SELECT w.called_at FROM webhook_calls AS w WHERE w.called_at > v_now - p_window
+              ORDER BY w.called_at DESC LIMIT p_limit) AS last;
+        v_free := p_limit - cardinality(v_recent);
+        SELECT count(*),
+               count(*) FILTER (WHERE f.next_attempt_at BETWEEN v_now - p_slack AND v_now + p_slack)
+        INTO v_ahead, v_due_ahead
+        FROM contractor_followup_schedules AS f
+        WHERE f.waiting_since IS NOT NULL AND f.status IN ('scheduled', 'sending')
+          AND (f.priority > v_row.priority
+               OR (f.priority = v_row.priority
+                   AND (f.scheduled_time, f.id) < (v_row.scheduled_time, v_row.id)));
+        IF v_free > v_due_ahead THEN
+            UPDATE contractor_followup_schedules AS f
+            SET calling_since = v_now, lease_until = v_now + p_lease, waiting_since = NULL,
+                webhook_started_at = coalesce(f.webhook_started_at, v_now),
+                lateness_ms = coalesce(f.lateness_ms,
+                                       extract(epoch FROM v_now - f.scheduled_time) * 1000)
+            WHERE f.id = p_followup_id;
+            RETURN QUERY
+                INSERT INTO webhook_calls (followup_id, send_key, attempt, called_at)
+                VALUES (p_followup_id, v_row.send_key, v_row.attempts, v_now)
+                RETURNING webhook_calls.id, NULL::timestamptz, false;
+            RETURN;
+        END IF;
+        -- the v_ahead-th place to come (0 is the next): places repeat every window
+        v_turn := v_ahead % p_limit;
+        IF v_turn < v_free THEN
+            v_until := v_now;
+        ELSE
+            v_until := v_recent[v_turn - v_free + 1] + p_window;
+        END IF;
+        v_until := v_until + p_window * (v_ahead / p_limit);
+    END IF;
+    UPDATE contractor_followup_schedules AS f
+    SET waiting_since = coalesce(f.waiting_since, v_now), next_attempt_at = v_until
+    WHERE f.id = p_followup_id;
+    RETURN QUERY SELECT NULL::bigint, v_until, false;
+END;
+$$;
+"""
+
+
+@dataclass(frozen=True)
+class CallSlot:
+    """A call id when the call may start now; else `frees_at`, the instant of this follow-up's
+    place; or `lost` when the row is no longer this claimant's to send."""
+
+    call_id: int | None
+    frees_at: datetime | None
+    lost: bool = False
+
+
+async def start_call(
+    pool: asyncpg.Pool,
+    followup_id: int,
+    claim_id: UUID,
+    *,
+    limit_per_minute: int,
+    lease: timedelta,
+) -> CallSlot:
+    record = await pool.fetchrow(
+        "SELECT call_id, frees_at, lost FROM followups_start_call($1, $2, $3, $4, $5, $6, $7, $8)",
+        followup_id,
+        claim_id,
+        limit_per_minute,
+        WINDOW,
+        lease,
+        DUE_SLACK,
+        SEND_WINDOW.namespace,
+        SEND_WINDOW.key,
+    )
+    return CallSlot(call_id=record["call_id"], frees_at=record["frees_at"], lost=record["lost"])

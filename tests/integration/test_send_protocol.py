@@ -1,0 +1,538 @@
+"""The dispatcher's send protocol against the real database: one owner per claim, cancels and
+reschedules that come during a call, "sent" recorded whatever the broker does, and the order in
+which waiting follow-ups get places in the global send window."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from services.dispatcher import send_window
+from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequest
+from services.dispatcher.handlers import DispatcherDeps, handle
+from services.dispatcher.repository import DispatchRepository, GiveUp, Retry, Settlement
+from services.dispatcher.sweep import sweep_once
+from shared.consumer import Incoming
+from shared.migrate import MIGRATIONS_DIR
+from shared.schemas import Status, TimerKind, TimerMessage
+from shared.store import Reference
+from shared.timers import LevelsTimer
+from shared.topology import DISPATCHER_DUE
+from tests.support.data import add_contractor
+
+LEASE = timedelta(seconds=30)
+MARGIN = timedelta(milliseconds=250)
+
+
+class RecordingTimer(LevelsTimer):
+    """Records every timer instead of publishing it; `failing` makes the broker refuse."""
+
+    def __init__(self) -> None:
+        super().__init__(publisher=None)  # type: ignore[arg-type]
+        self.armed: list[tuple[str, dict, datetime]] = []
+        self.failing = False
+
+    async def arm(self, destination, message, fire_at, **_options) -> int:
+        if self.failing:
+            raise ConnectionError("broker refused the publish")
+        self.armed.append((destination, json.loads(message), fire_at))
+        return 0
+
+    def for_row(self, followup_id: int) -> list[dict]:
+        return [m for _, m, _ in self.armed if m["followup_id"] == followup_id]
+
+
+class NullPublisher:
+    async def publish(self, body, *, exchange, routing_key, headers=None, mandatory=True, **_):
+        return None
+
+
+class ScriptedGateway(Gateway):
+    """Answers each call with the next outcome; `during_call` runs while the call is under way."""
+
+    sent_by = "dispatcher"
+
+    def __init__(self, *outcomes: GatewayResult) -> None:
+        self.outcomes = list(outcomes)
+        self.calls: list[SmsRequest] = []
+        self.during_call = None
+
+    async def send(self, request: SmsRequest) -> GatewayResult:
+        self.calls.append(request)
+        if self.during_call is not None:
+            await self.during_call()
+        return self.outcomes.pop(0) if self.outcomes else GatewayResult(Outcome.SENT, "ok", 200)
+
+
+def accepted() -> GatewayResult:
+    return GatewayResult(Outcome.SENT, "ok", 200)
+
+
+def unavailable() -> GatewayResult:
+    return GatewayResult(Outcome.RETRY, "http_503", 503)
+
+
+@pytest.fixture
+def timer() -> RecordingTimer:
+    return RecordingTimer()
+
+
+@pytest.fixture
+def repository(pool, store) -> DispatchRepository:
+    return DispatchRepository(pool, store)
+
+
+def make_deps(repository, timer, gateway, *, limit: int = 1000, concurrency: int = 5):
+    return DispatcherDeps(
+        repository=repository,
+        timer=timer,
+        publisher=NullPublisher(),
+        gateway=gateway,
+        clock=lambda: datetime.now(UTC),
+        rate_limit_per_minute=limit,
+        max_attempts=3,
+        lease=LEASE,
+        personalize_lead=timedelta(seconds=60),
+        quiet_hours=None,
+        default_zone=ZoneInfo("America/New_York"),
+        margin=MARGIN,
+        calls_in_flight=asyncio.Semaphore(concurrency),
+    )
+
+
+async def add_due(
+    pool,
+    contractor: int,
+    *,
+    due: datetime | None = None,
+    priority: int = 0,
+    recurring: bool = False,
+    key: str,
+) -> int:
+    followup_id: int = await pool.fetchval(
+        """INSERT INTO contractor_followup_schedules
+               (contractor_id, scheduled_time, followup_type, message_template, idempotency_key,
+                priority, is_recurring, recurrence_interval_days, series_id)
+           VALUES ($1, $2, 'check_in', 'Hi {first_name}', $3, $4, $5,
+                   CASE WHEN $5 THEN 7 END, NULL)
+           RETURNING id""",
+        contractor,
+        due or datetime.now(UTC) - timedelta(milliseconds=10),
+        f"key:{key}",
+        priority,
+        recurring,
+    )
+    if recurring:
+        await pool.execute(
+            "UPDATE contractor_followup_schedules SET series_id = id WHERE id = $1", followup_id
+        )
+    return followup_id
+
+
+def timer_for(followup_id: int, version: int = 1) -> Incoming:
+    message = TimerMessage(
+        kind=TimerKind.DISPATCH,
+        followup_id=followup_id,
+        version=version,
+        fire_at=datetime.now(UTC),
+        attempt=1,
+    )
+    return Incoming(message.model_dump_json().encode(), DISPATCHER_DUE.name)
+
+
+async def row(pool, followup_id: int):
+    return await pool.fetchrow(
+        "SELECT * FROM contractor_followup_schedules WHERE id = $1", followup_id
+    )
+
+
+async def transitions(pool, followup_id: int) -> list:
+    return await pool.fetch(
+        "SELECT * FROM followup_transitions WHERE followup_id = $1 ORDER BY id", followup_id
+    )
+
+
+# ---- one owner per claim ---------------------------------------------------------------------
+
+
+async def test_a_claim_taken_over_leaves_its_old_owner_unable_to_change_anything(pool, repository):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="owner")
+    first, _ = await repository.claim(followup_id, 1, timedelta(milliseconds=200), MARGIN)
+    await asyncio.sleep(0.3)
+    second, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    assert first.claim_id != second.claim_id
+    assert (await repository.start_call(first, limit_per_minute=100, lease=LEASE)).lost
+    at = datetime.now(UTC) + timedelta(seconds=5)
+    assert not await repository.release_for_retry(first, next_attempt_at=at, error="x")
+    assert await repository.finish(first, Status.FAILED, "x", None) == (None, None)
+    assert not await repository.renew(first, LEASE)
+    slot = await repository.start_call(second, limit_per_minute=100, lease=LEASE)
+    assert slot.call_id is not None
+    sent = await repository.mark_sent(
+        first,
+        call_id=slot.call_id,
+        http_status=200,
+        sent_by="dispatcher",
+        note=None,
+        text_fallback_reason=None,
+        next_occurrence=None,
+    )
+    assert sent.row is None, "only the current owner records the send"
+    assert (await row(pool, followup_id))["status"] == "sending"
+
+
+async def test_the_lease_starts_again_when_the_call_really_starts(pool, repository):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="lease")
+    claimed, _ = await repository.claim(followup_id, 1, timedelta(seconds=1), MARGIN)
+    await asyncio.sleep(0.6)
+    assert await repository.renew(claimed, timedelta(seconds=1))
+    await asyncio.sleep(0.6)
+    # Without the renewal the lease would have run out by now and the row be taken over.
+    assert await repository.claim(followup_id, 1, LEASE, MARGIN) is None
+    await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    current = await row(pool, followup_id)
+    assert current["lease_until"] - current["calling_since"] == LEASE
+
+
+async def test_claimants_queued_behind_slow_calls_keep_their_claim(pool, repository, timer):
+    """One call place, calls that take longer than a third of the lease: the queued follow-ups
+    renew their lease while they wait, and a takeover attempt finds each still owned."""
+    contractor = await add_contractor(pool)
+    ids = [await add_due(pool, contractor, key=f"queued-{i}") for i in range(4)]
+    gateway = ScriptedGateway()
+
+    async def slow_call() -> None:
+        await asyncio.sleep(0.5)
+
+    gateway.during_call = slow_call
+    deps = dataclasses.replace(
+        make_deps(repository, timer, gateway, concurrency=1), lease=timedelta(seconds=0.9)
+    )
+
+    async def take_over_attempts() -> int:
+        taken = 0
+        for _ in range(10):
+            await asyncio.sleep(0.2)
+            for followup_id in ids:
+                taken += await repository.claim(followup_id, 1, LEASE, MARGIN) is not None
+        return taken
+
+    *_, taken = await asyncio.gather(
+        *(handle(timer_for(i), deps) for i in ids), take_over_attempts()
+    )
+    assert taken == 0
+    assert len(gateway.calls) == 4
+    rows = [await row(pool, i) for i in ids]
+    assert {(r["status"], r["attempts"]) for r in rows} == {("sent", 1)}
+    takeovers = await pool.fetchval(
+        "SELECT count(*) FROM followup_transitions WHERE detail->>'takeover' = 'true'"
+    )
+    assert takeovers == 0
+
+
+# ---- a cancel or reschedule during the call --------------------------------------------------
+
+
+@pytest.mark.parametrize("recurring", [False, True])
+async def test_a_cancel_during_a_failed_call_wins_over_the_retry(
+    pool, store, repository, timer, recurring
+):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="cancel-503", recurring=recurring)
+    gateway = ScriptedGateway(unavailable())
+    kept: list = []
+
+    async def cancel_now() -> None:
+        kept.extend(await store.cancel(Reference(followup_id=followup_id), "customer called"))
+
+    gateway.during_call = cancel_now
+    await handle(timer_for(followup_id), make_deps(repository, timer, gateway))
+    assert [r.status for r in kept] == [Status.SENDING], "kept while the call was under way"
+    assert len(gateway.calls) == 1
+    ended = await row(pool, followup_id)
+    assert ended["status"] == "cancelled"
+    assert ended["status_reason"] == "customer called"
+    assert ended["version"] == 2
+    assert ended["next_occurrence_id"] is None
+    assert timer.for_row(followup_id) == [], "no retry was armed"
+    assert await pool.fetchval("SELECT count(*) FROM contractor_followup_schedules") == 1
+    call = await pool.fetchrow("SELECT outcome, http_status FROM webhook_calls")
+    assert (call["outcome"], call["http_status"]) == ("retry", 503)
+
+
+async def test_a_reschedule_during_a_failed_call_moves_the_followup_instead_of_retrying(
+    pool, store, repository, timer
+):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="move-503")
+    gateway = ScriptedGateway(unavailable())
+    new_time = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+
+    async def arm_nothing(_row) -> None:
+        raise AssertionError("a call under way must not be armed again by the scheduler")
+
+    async def reschedule_now() -> None:
+        kept = await store.reschedule(
+            Reference(followup_id=followup_id), new_time, before_commit=arm_nothing
+        )
+        assert kept is not None
+        assert kept.status is Status.SENDING
+
+    gateway.during_call = reschedule_now
+    await handle(timer_for(followup_id), make_deps(repository, timer, gateway))
+    moved = await row(pool, followup_id)
+    assert (moved["status"], moved["scheduled_time"], moved["version"]) == (
+        "scheduled",
+        new_time,
+        2,
+    )
+    assert moved["reschedule_to"] is None
+    armed = timer.for_row(followup_id)
+    assert [(m["kind"], m["version"]) for m in armed] == [("dispatch", 2)], "only the new time"
+
+
+@pytest.mark.parametrize("recurring", [False, True])
+async def test_a_cancel_during_an_accepted_call_is_recorded_as_too_late(
+    pool, store, repository, timer, recurring
+):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="cancel-200", recurring=recurring)
+    gateway = ScriptedGateway(accepted())
+
+    async def cancel_now() -> None:
+        await store.cancel(Reference(followup_id=followup_id), "too slow")
+
+    gateway.during_call = cancel_now
+    await handle(timer_for(followup_id), make_deps(repository, timer, gateway))
+    sent = await row(pool, followup_id)
+    assert (sent["status"], sent["status_reason"]) == ("sent", "cancel_too_late")
+    assert sent["cancel_reason"] == "too slow"
+    assert sent["next_occurrence_id"] is None, "the cancel still ends the series"
+    late = [t for t in await transitions(pool, followup_id) if t["detail"].get("too_late")]
+    assert [t["detail"]["cancel_requested"] for t in late] == ["too slow"]
+
+
+async def test_a_cancel_kept_for_a_dead_dispatcher_wins_at_the_takeover(pool, store, repository):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="dead")
+    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    await repository.start_call(claimed, limit_per_minute=100, lease=timedelta(milliseconds=100))
+    await store.cancel(Reference(followup_id=followup_id), "customer called")
+    await asyncio.sleep(0.2)
+    timer, gateway = RecordingTimer(), ScriptedGateway()
+    await handle(timer_for(followup_id), make_deps(repository, timer, gateway))
+    assert gateway.calls == []
+    assert (await row(pool, followup_id))["status"] == "cancelled"
+
+
+async def test_a_cancel_racing_the_decision_after_a_failed_call_is_never_lost(
+    pool, store, repository
+):
+    contractor = await add_contractor(pool)
+    for attempt in range(20):
+        followup_id = await add_due(pool, contractor, key=f"race-{attempt}")
+        claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+        slot = await repository.start_call(claimed, limit_per_minute=1000, lease=LEASE)
+
+        async def arm() -> None:
+            await asyncio.sleep(0)
+
+        at = datetime.now(UTC) + timedelta(seconds=30)
+        settle = repository.settle_unsent(
+            claimed,
+            call_id=slot.call_id,
+            outcome="retry",
+            http_status=503,
+            then=Retry(at, "http_503", arm),
+            arm_moved=arm,
+        )
+        settled, _ = await asyncio.gather(
+            settle, store.cancel(Reference(followup_id=followup_id), "race")
+        )
+        assert settled.kind in (Settlement.RETRY, Settlement.CANCELLED)
+        assert (await row(pool, followup_id))["status"] == "cancelled"
+
+
+async def test_an_opt_out_during_a_call_is_kept_like_a_cancel(pool, store, repository):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="stop")
+    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    slot = await repository.start_call(claimed, limit_per_minute=1000, lease=LEASE)
+    await store.record_response(
+        contractor_id=contractor,
+        phone_digits=None,
+        followup_id=None,
+        text="STOP",
+        received_at=datetime.now(UTC),
+        opt_out=True,
+    )
+
+    async def arm(*_args) -> None:
+        raise AssertionError("nothing is armed for an opted-out contractor")
+
+    settled = await repository.settle_unsent(
+        claimed,
+        call_id=slot.call_id,
+        outcome="retry",
+        http_status=503,
+        then=GiveUp("http_503", None),
+        arm_moved=arm,
+    )
+    assert settled.kind is Settlement.CANCELLED
+    assert (await row(pool, followup_id))["status_reason"] == "opted_out"
+
+
+# ---- "sent" never depends on the broker ------------------------------------------------------
+
+
+async def test_sent_is_recorded_when_the_broker_refuses_the_next_occurrence_and_the_sweep_arms_it(
+    pool, store, repository, timer
+):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="series", recurring=True)
+    gateway = ScriptedGateway(accepted())
+
+    async def broker_goes_down() -> None:
+        timer.failing = True
+
+    gateway.during_call = broker_goes_down
+    deps = make_deps(repository, timer, gateway)
+    await handle(timer_for(followup_id), deps)
+    sent = await row(pool, followup_id)
+    assert sent["status"] == "sent"
+    assert len(gateway.calls) == 1
+    following = await row(pool, sent["next_occurrence_id"])
+    assert following["status"] == "scheduled"
+    assert timer.armed == []
+    # Its redelivery (the handler is run again) changes nothing and calls nobody.
+    timer.failing = False
+    await handle(timer_for(followup_id), deps)
+    assert len(gateway.calls) == 1
+    # A week later its timer is overdue: the repair sweep arms it.
+    await pool.execute(
+        "UPDATE contractor_followup_schedules SET scheduled_time = now() - interval '1 minute'"
+        " WHERE id = $1",
+        following["id"],
+    )
+    report = await sweep_once(
+        store,
+        timer,
+        lambda: datetime.now(UTC),
+        timedelta(seconds=1),
+        timedelta(seconds=60),
+    )
+    assert report.dispatch_rearmed == 1
+    assert [m["kind"] for m in timer.for_row(following["id"])] == ["dispatch"]
+
+
+# ---- the order of places in the send window --------------------------------------------------
+
+
+async def fill_window(pool, contractor: int, frees_in: list[float]) -> None:
+    """Calls made earlier, so that their places free up `frees_in` seconds from now."""
+    filler = await add_due(pool, contractor, key="filler", due=datetime.now(UTC))
+    for seconds in frees_in:
+        await pool.execute(
+            """INSERT INTO webhook_calls (followup_id, send_key, attempt, called_at)
+               VALUES ($1, gen_random_uuid(), 1,
+                       clock_timestamp() - $2::interval + $3::interval)""",
+            filler,
+            send_window.WINDOW,
+            timedelta(seconds=seconds),
+        )
+
+
+async def test_each_waiting_followup_gets_its_own_place_in_priority_then_due_order(
+    pool, repository
+):
+    contractor = await add_contractor(pool)
+    limit = 3
+    await fill_window(pool, contractor, [10, 20, 30])
+    now = datetime.now(UTC)
+    # (priority, seconds overdue): ranked 9; 5 due first; 5; 1; 0 due first; 0
+    wanted = [(0, 1), (5, 2), (9, 0), (1, 0), (0, 3), (5, 5)]
+    ids = {}
+    for n, (priority, overdue) in enumerate(wanted):
+        due = now - timedelta(seconds=overdue)
+        ids[(priority, overdue)] = await add_due(
+            pool, contractor, key=f"wait-{n}", priority=priority, due=due
+        )
+    claims = {k: (await repository.claim(i, 1, LEASE, MARGIN))[0] for k, i in ids.items()}
+    # Ask in the worst order, lowest rank first: each later one jumps the queue.
+    order = [(0, 1), (0, 3), (1, 0), (5, 2), (5, 5), (9, 0)]
+    for key in order:
+        slot = await repository.start_call(claims[key], limit_per_minute=limit, lease=LEASE)
+        assert slot.call_id is None
+    # Asked again, each now knows everyone waiting ahead of it: its own place, in rank order.
+    places = {}
+    for key in order:
+        slot = await repository.start_call(claims[key], limit_per_minute=limit, lease=LEASE)
+        places[key] = slot.frees_at
+    ranked = sorted(places, key=lambda k: (-k[0], -k[1]))
+    assert ranked == [(9, 0), (5, 5), (5, 2), (1, 0), (0, 3), (0, 1)]
+    times = [places[k] for k in ranked]
+    assert times == sorted(times)
+    assert len(set(times)) == len(times), "one follow-up per place"
+    window = send_window.WINDOW.total_seconds()
+    offsets = [
+        round((t - now).total_seconds() - window * (i // limit)) for i, t in enumerate(times)
+    ]
+    assert offsets == [10, 20, 30, 10, 20, 30], "every place, and each window's places again"
+
+
+async def test_a_free_place_goes_to_the_waiter_ahead_that_is_due_now(pool, repository):
+    contractor = await add_contractor(pool)
+    await fill_window(pool, contractor, [20])  # limit 2: one free place now
+    first = await add_due(pool, contractor, key="ahead", priority=9)
+    behind = await add_due(pool, contractor, key="behind", priority=1)
+    ahead_claim, _ = await repository.claim(first, 1, LEASE, MARGIN)
+    behind_claim, _ = await repository.claim(behind, 1, LEASE, MARGIN)
+    # The one ahead already waits for this instant (its place was given to it earlier).
+    await pool.execute(
+        "UPDATE contractor_followup_schedules SET waiting_since = now(), next_attempt_at = now()"
+        " WHERE id = $1",
+        first,
+    )
+    deferred = await repository.start_call(behind_claim, limit_per_minute=2, lease=LEASE)
+    assert deferred.call_id is None
+    taken = await repository.start_call(ahead_claim, limit_per_minute=2, lease=LEASE)
+    assert taken.call_id is not None
+    # A waiter whose time passed long ago is gone and does not hold the place up.
+    await pool.execute(
+        "UPDATE contractor_followup_schedules SET next_attempt_at = now() - interval '1 minute',"
+        " calling_since = NULL, waiting_since = now(), status = 'scheduled' WHERE id = $1",
+        first,
+    )
+    await pool.execute("DELETE FROM webhook_calls WHERE followup_id = $1", first)
+    assert (await repository.start_call(behind_claim, limit_per_minute=2, lease=LEASE)).call_id
+
+
+# ---- the window's function is the module's -----------------------------------------------------
+
+
+def test_the_migration_installs_the_send_window_module_function():
+    defining = sorted(
+        path
+        for path in Path(MIGRATIONS_DIR).glob("*.sql")
+        if "FUNCTION followups_start_call" in path.read_text().split("-- migrate:down")[0]
+    )
+    up = defining[-1].read_text().split("-- migrate:down")[0]
+    assert send_window.FUNCTION_SQL in up
+    assert len(re.findall(r"CREATE (OR REPLACE )?FUNCTION followups_start_call", up)) == 1
+
+
+async def test_the_database_runs_the_module_function(pool):
+    source = await pool.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE proname = 'followups_start_call'"
+    )
+    body = send_window.FUNCTION_SQL.split("$$")[1]
+    assert source == body
