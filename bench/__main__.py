@@ -10,18 +10,25 @@ from pathlib import Path
 import uvloop
 from rich.console import Console
 
-from bench.runner import Selection, run
+from bench.runner import PROBES, Selection, run
 from bench.scenarios import SCENARIOS, Plan
 
 DEFAULTS = Plan()
 
 EPILOG = """scenarios:
-  steady   follow-ups spread evenly over a window, AI on: lateness (receive - scheduled_time)
-  burst    follow-ups all due at one instant: how fast the backlog drains (sends/s)
-  ingest   followup.requested published as fast as possible: requests stored per second
-  pending  many follow-ups days ahead, then steady on top: memory of services, broker, database
-Each scenario gets a fresh database, vhost and service processes. With the defaults a full run
-takes about 20 minutes (the pending load about 10); try --pending 100000 for a shorter one."""
+  steady     follow-ups spread evenly over a window, AI on, each request published --advance
+             seconds before its due time: lateness (receive - scheduled_time)
+  burst      follow-ups all due at one instant: how fast the backlog drains (sends/s)
+  ingest     followup.requested published as fast as possible: requests stored per second
+  pending    many follow-ups days ahead, then steady on top: memory of services, broker, database
+  timerwork  single timers 20 s and 30 days ahead: how many queues each one enters
+  capacity   steady at 50, 100, 200, 400, 800/s, 20 s each, a fresh stack per step, until p99
+             passes 50 ms: the last rate that held (only when asked for, or with "all")
+Each scenario gets a fresh database, vhost and service processes. With BENCH_PEER set to a
+prepared copy of the BullMQ design, steady, burst, ingest and capacity also run on it, in the same
+run (README, Performance). With the defaults a full run takes about 25 minutes (the pending load
+about 10); try --pending 100000 for a shorter one."""
+DEFAULT_SCENARIOS = ["steady", "burst", "ingest", "pending", *PROBES]
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -48,8 +55,8 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
     parser.add_argument(
         "--scenario",
         action="append",
-        choices=[*SCENARIOS, "all"],
-        help="scenario to run (repeatable); all when not given",
+        choices=[*SCENARIOS, *PROBES, "all"],
+        help="scenario to run (repeatable); all but capacity when not given",
     )
     parser.add_argument(
         "--backend",
@@ -65,6 +72,38 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         type=float,
         default=DEFAULTS.steady_seconds,
         help="the steady follow-ups are spread evenly over this many seconds",
+    )
+    parser.add_argument(
+        "--advance",
+        type=float,
+        default=DEFAULTS.advance,
+        help="steady and capacity: each request is published this many seconds before its due "
+        "time, while the earlier ones are being sent (as requests arrive in production)",
+    )
+    parser.add_argument(
+        "--up-front",
+        action="store_true",
+        help="steady and capacity: publish every request first, then wait (the first due "
+        "--settle + --lead seconds later), instead of --advance seconds ahead",
+    )
+    parser.add_argument(
+        "--capacity-rates",
+        type=lambda text: tuple(int(v) for v in text.split(",")),
+        default=DEFAULTS.capacity_rates,
+        metavar="R,R,...",
+        help="capacity: follow-ups per second of each step, rising",
+    )
+    parser.add_argument(
+        "--capacity-seconds",
+        type=float,
+        default=DEFAULTS.capacity_seconds,
+        help="capacity: seconds each step's follow-ups are spread over",
+    )
+    parser.add_argument(
+        "--capacity-p99",
+        type=float,
+        default=DEFAULTS.capacity_p99_ms,
+        help="capacity: a step holds while p99 lateness stays at or under this many ms",
     )
     parser.add_argument(
         "--ai-delay",
@@ -147,8 +186,10 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
     )
     args = parser.parse_args(argv)
 
-    def chosen(values: list[str] | None, every: list[str]) -> tuple[str, ...]:
-        if not values or "all" in values:
+    def chosen(values: list[str] | None, every: list[str], default: list[str]) -> tuple[str, ...]:
+        if not values:
+            return tuple(default)
+        if "all" in values:
             return tuple(every)
         return tuple(dict.fromkeys(values))
 
@@ -164,10 +205,15 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         settle=args.settle,
         timeout=args.timeout,
         window=args.window,
+        advance=args.advance,
+        up_front=args.up_front,
+        capacity_rates=args.capacity_rates,
+        capacity_seconds=args.capacity_seconds,
+        capacity_p99_ms=args.capacity_p99,
     )
     selection = Selection(
-        scenarios=chosen(args.scenario, list(SCENARIOS)),
-        backends=chosen(args.backend, ["levels", "plugin"]),
+        scenarios=chosen(args.scenario, [*DEFAULT_SCENARIOS, "capacity"], DEFAULT_SCENARIOS),
+        backends=chosen(args.backend, ["levels", "plugin"], ["levels", "plugin"]),
         dispatch_concurrency=args.dispatch_concurrency,
         queue_type=args.queue_type,
         log_level=args.log_level,

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -82,11 +83,45 @@ def fill_resources(row: Row, sampler: Sampler) -> None:
         )
 
 
+def cpu_seconds_total(row: Row) -> float:
+    """Everything on the machine that works for the follow-ups: the services, the broker node,
+    every PostgreSQL process and the bench process (load, webhook receiver, model stand-in)."""
+    return (
+        sum(row.service_cpu_s.values())
+        + (row.broker_cpu_s or 0.0)
+        + (row.db_cpu_s or 0.0)
+        + float(row.extra.get("bench_process_cpu_s", 0.0))
+    )
+
+
+def fill_cpu_per_followup(row: Row, followups: int) -> None:
+    """Milliseconds of CPU per follow-up over its whole life in the scenario, and each part's."""
+    if followups <= 0 or row.duration_s is None:
+        return
+    row.cpu_ms_per_followup = round(cpu_seconds_total(row) * 1000 / followups, 2)
+    parts = {
+        **row.service_cpu_s,
+        "broker": row.broker_cpu_s or 0.0,
+        "postgresql": row.db_cpu_s or 0.0,
+        "bench process": float(row.extra.get("bench_process_cpu_s", 0.0)),
+    }
+    row.extra["cpu_ms_per_followup"] = {
+        name: round(seconds * 1000 / followups, 2) for name, seconds in parts.items()
+    }
+
+
 async def wait_for_calls(
-    receiver: WebhookReceiver, expected: int, deadline: float, tracker: Tracker
+    receiver: WebhookReceiver,
+    expected: int,
+    deadline: float,
+    tracker: Tracker,
+    abort: asyncio.Task[Any] | None = None,
 ) -> bool:
-    """Until `expected` calls arrived or the (epoch) deadline passed; True when all came."""
+    """Until `expected` calls arrived or the (epoch) deadline passed; True when all came. A
+    failed `abort` task (the load publishing alongside) ends the wait with its error."""
     while len(receiver.calls) < expected and time.time() < deadline:
+        if abort is not None and abort.done() and abort.exception() is not None:
+            await abort
         tracker.update(len(receiver.calls), "webhook calls")
         await asyncio.sleep(0.1)
     tracker.update(len(receiver.calls), "webhook calls")

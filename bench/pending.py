@@ -1,14 +1,16 @@
 """Filling the system with follow-ups days ahead, and what that costs in memory.
 
 `direct` writes the rows with set-based INSERTs (a transition row each, as the scheduler writes)
-and arms their two timers each through the services' own Timer class, publishing with pipelined
-confirms: the same rows and timer messages the scheduler would leave, about ten times faster.
+and arms their timers through the scheduler's own code path (`arm_followup`, with the services'
+lead and dispatch margin), publishing with pipelined confirms: the same rows and timer messages
+the scheduler would leave, about ten times faster.
 `scheduler` publishes followup.requested and lets the scheduler store them, as in production.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -17,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
+from bench.broker_stats import TIMER_PREFIX
 from bench.load import TEMPLATE, in_windows, publish_requests, request_body
 from bench.measure import count_rows, max_id
 from bench.probes import (
@@ -30,17 +33,16 @@ from bench.probes import (
 from bench.progress import Progress
 from bench.stack import Stack
 from shared.bus import AmqpPublisher
-from shared.pipeline import arm
-from shared.schemas import TimerKind, TimerMessage
-from shared.settings import DelayBackend
+from shared.pipeline import arm_followup
+from shared.settings import DelayBackend, Settings
+from shared.store import Followup
 from shared.timers import make_timer
-from shared.topology import DISPATCHER_DUE, PERSONALIZER_DUE, TIMER_LEVEL_PREFIX
 
 BATCH = 20_000
 FIRST_DAY = 2  # pending follow-ups are spread over days 2 to 9 from now
 SPAN_DAYS = 7
 
-_INSERT = """
+_INSERT_TEMPLATE = """
 WITH made AS (
     INSERT INTO contractor_followup_schedules (
         contractor_id, scheduled_time, followup_type, message_template, idempotency_key,
@@ -49,60 +51,40 @@ WITH made AS (
            $4::timestamptz + (n::float8 / $5) * $6::interval,
            'check_in', $7, 'key:pending-' || n, 'bench-pending'
     FROM generate_series($1::bigint, $2::bigint - 1) AS n
-    RETURNING id, version, scheduled_time
+    RETURNING {columns}
 ), logged AS (
     INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
     SELECT id, 'scheduler', NULL, 'scheduled',
            jsonb_build_object('scheduled_time', scheduled_time)
     FROM made
 )
-SELECT id, version, scheduled_time FROM made
+SELECT {columns} FROM made
 """
-
-
-def _timers(row: PendingRow, lead: timedelta) -> list[tuple[str, TimerMessage]]:
-    """The two timers the scheduler arms for a new follow-up."""
-    followup_id, version, due = row
-    return [
-        (
-            PERSONALIZER_DUE.name,
-            TimerMessage(
-                kind=TimerKind.PERSONALIZE,
-                followup_id=followup_id,
-                version=version,
-                fire_at=due - lead,
-            ),
-        ),
-        (
-            DISPATCHER_DUE.name,
-            TimerMessage(
-                kind=TimerKind.DISPATCH, followup_id=followup_id, version=version, fire_at=due
-            ),
-        ),
-    ]
 
 
 def _spread_start() -> datetime:
     return datetime.now(UTC) + timedelta(days=FIRST_DAY)
 
 
-PendingRow = tuple[int, int, datetime]  # id, version, scheduled_time
+# Every column the services read, so each row comes back as the scheduler would hold it.
+_INSERT = _INSERT_TEMPLATE.replace(
+    "{columns}", ", ".join(field.name for field in dataclasses.fields(Followup))
+)
+# The services run with the default margin (the bench does not set DISPATCH_MARGIN_MS).
+DISPATCH_MARGIN = timedelta(milliseconds=Settings.model_fields["dispatch_margin_ms"].default)
 
 
-async def _arm_rows(
-    url: str, backend: str, lead: float, rows: list[PendingRow], window: int
-) -> None:
+async def _arm_rows(url: str, backend: str, lead: float, rows: list[Followup], window: int) -> None:
     async with AmqpPublisher(url, name="bench") as publisher:
         timer = make_timer(DelayBackend(backend), publisher)
         jobs = [
-            partial(arm, timer, destination, message)
+            partial(arm_followup, timer, row, timedelta(seconds=lead), DISPATCH_MARGIN)
             for row in rows
-            for destination, message in _timers(row, timedelta(seconds=lead))
         ]
         await in_windows(jobs, window)
 
 
-def arm_rows(url: str, backend: str, lead: float, rows: list[PendingRow], window: int) -> None:
+def arm_rows(url: str, backend: str, lead: float, rows: list[Followup], window: int) -> None:
     """In a worker process: publishing is CPU-bound in the client, so it is spread over
     processes."""
     asyncio.run(_arm_rows(url, backend, lead, rows, window))
@@ -132,7 +114,7 @@ async def load_direct(
                 timedelta(days=SPAN_DAYS),
                 TEMPLATE,
             )
-            rows = [(r["id"], r["version"], r["scheduled_time"]) for r in records]
+            rows = [Followup.from_record(record) for record in records]
             share = -(-len(rows) // workers)
             await asyncio.gather(
                 *(
@@ -188,7 +170,7 @@ async def load_through_scheduler(
 
 async def memory_snapshot(stack: Stack) -> dict[str, Any]:
     queues = queue_figures(stack.vhost)
-    timers = {name: v for name, v in queues.items() if name.startswith(TIMER_LEVEL_PREFIX)}
+    timers = {name: v for name, v in queues.items() if name.startswith(TIMER_PREFIX)}
     return {
         "at": datetime.now(UTC).isoformat(),
         "services_rss_mb": {

@@ -40,6 +40,10 @@ class Row:
     db_cpu_services_s: float | None = None
     machine_busy_pct: float | None = None
     duration_s: float | None = None
+    # Whole life, everything on the machine (bench.measure.cpu_seconds_total) / follow-ups.
+    cpu_ms_per_followup: float | None = None
+    # (timer publishes + dead-letterings) / follow-ups, from the broker's statistics.
+    timer_work_per_followup: float | None = None
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -54,46 +58,105 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+PEER_SUFFIX = "(peer)"
+
+
+def is_peer(row: Row) -> bool:
+    return row.backend.endswith(PEER_SUFFIX)
+
+
+def ratio(ours: float | None, peer: float | None) -> float | None:
+    """ours / peer; None when either is missing or the peer's is zero."""
+    if ours is None or peer is None or peer == 0:
+        return None
+    return ours / peer
+
+
+@dataclass(frozen=True)
+class Ratios:
+    p50: float | None
+    p99: float | None
+    throughput: float | None
+    cpu: float | None
+
+
+def peer_ratios(row: Row, rows: list[Row]) -> Ratios | None:
+    """Ours / the peer's, for the peer's row of the same scenario (and repeat) in this run."""
+    if is_peer(row):
+        return None
+    peer = next((r for r in rows if is_peer(r) and r.scenario == row.scenario), None)
+    if peer is None:
+        return None
+    ours_spread, peer_spread = row.lateness_ms, peer.lateness_ms
+    return Ratios(
+        p50=ratio(ours_spread and ours_spread.p50, peer_spread and peer_spread.p50),
+        p99=ratio(ours_spread and ours_spread.p99, peer_spread and peer_spread.p99),
+        throughput=ratio(row.throughput, peer.throughput),
+        cpu=ratio(row.cpu_ms_per_followup, peer.cpu_ms_per_followup),
+    )
+
+
+def _times(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}×" if value < 10 else f"{value:,.0f}×"
+
+
+COLUMNS = (
+    "scenario",
+    "backend",
+    "sent/expected",
+    "dup keys/rep",
+    "early",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "max ms",
+    "throughput",
+    "CPU ms/fu",
+    "timer entries/fu",
+    "p50 ×peer",
+    "p99 ×peer",
+    "thru ×peer",
+    "CPU ×peer",
+    "peak RSS MB sch/per/dis",
+    "broker CPU s",
+    "DB CPU s",
+)
+
+
 def table(rows: list[Row]) -> Table:
     grid = Table(title="followups benchmark", show_lines=False)
-    for name in (
-        "scenario",
-        "backend",
-        "sent/expected",
-        "dup keys",
-        "repeated",
-        "early",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "max ms",
-        "throughput",
-        "peak RSS MB sch/per/dis",
-        "broker CPU s",
-        "DB CPU s",
-    ):
+    for name in COLUMNS:
         grid.add_column(name, justify="left" if name in ("scenario", "backend") else "right")
     for row in rows:
         if not row.available:
-            grid.add_row(row.scenario, row.backend, "not available on this broker", *[""] * 11)
+            blank = [""] * (len(COLUMNS) - 3)
+            grid.add_row(row.scenario, row.backend, "not available on this broker", *blank)
             continue
         spread = row.lateness_ms
         rss = "/".join(
             _num(row.rss_peak_mb.get(s), 0) for s in ("scheduler", "personalizer", "dispatcher")
         )
+        ratios = peer_ratios(row, rows)
         grid.add_row(
             row.scenario,
             row.backend,
             f"{row.sent:,}/{row.expected:,}",
-            _num(row.duplicate_keys, 0),
-            _num(row.repeated_calls, 0),
+            f"{_num(row.duplicate_keys, 0)}/{_num(row.repeated_calls, 0)}",
             _num(row.early, 0),
             _ms(spread.p50 if spread else None),
             _ms(spread.p95 if spread else None),
             _ms(spread.p99 if spread else None),
             _ms(spread.max if spread else None),
             f"{_num(row.throughput, 0)} {row.throughput_unit}".strip(),
-            rss,
+            _num(row.cpu_ms_per_followup, 2),
+            _num(row.timer_work_per_followup, 1),
+            _times(ratios.p50 if ratios else None),
+            _times(ratios.p99 if ratios else None),
+            _times(ratios.throughput if ratios else None),
+            _times(ratios.cpu if ratios else None),
+            rss if not is_peer(row) else "-",
             _num(row.broker_cpu_s),
             _num(row.db_cpu_s),
         )
@@ -110,6 +173,10 @@ def summary(row: Row) -> str:
         )
     if row.throughput is not None:
         parts.append(f"{row.throughput:,.0f} {row.throughput_unit}")
+    if row.cpu_ms_per_followup is not None:
+        parts.append(f"CPU {row.cpu_ms_per_followup:.2f} ms/follow-up")
+    if row.timer_work_per_followup is not None:
+        parts.append(f"timer entries {row.timer_work_per_followup:.1f}/follow-up")
     return "; ".join(parts)
 
 

@@ -1,4 +1,5 @@
-"""The four scenarios. Each one gets a fresh stack (database, vhost, services) and returns a row."""
+"""The scenarios on the stack. Each one gets a fresh stack (database, vhost, services) and returns a
+row; capacity is steady at rising rates, a fresh stack per step (bench.capacity)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.load import publish_requests, request_body
+from bench.broker_stats import TIMER_PREFIX
+from bench.load import paced_moments, publish_paced, publish_requests, request_body
 from bench.measure import (
     deliveries,
     dispatcher_lateness,
+    fill_cpu_per_followup,
     fill_resources,
     fill_sends,
     max_id,
@@ -28,7 +31,6 @@ from bench.report import Row
 from bench.stack import Stack
 from bench.stats import flatness, mean_rate, peak_rate
 from shared.bus import AmqpPublisher
-from shared.topology import TIMER_LEVEL_PREFIX
 
 GRACE = 1.5  # seconds to wait after the last expected call, so late duplicates are seen
 
@@ -46,6 +48,12 @@ class Plan:
     settle: float = 15.0
     timeout: float = 120.0
     window: int = 1000
+    # Paced arrival: each request published this many seconds before its due time.
+    advance: float = 8.0
+    up_front: bool = False  # steady and capacity publish every request first, then wait
+    capacity_rates: tuple[int, ...] = (50, 100, 200, 400, 800)
+    capacity_seconds: float = 20.0
+    capacity_p99_ms: float = 50.0
 
 
 Scenario = Callable[[Stack, Plan, Progress], Awaitable[Row]]
@@ -115,33 +123,98 @@ async def _timed_sends(
 
 
 def _steady_times(plan: Plan) -> list[datetime]:
-    start = _now() + timedelta(seconds=plan.settle + plan.lead)
+    # Paced, the first request goes out a second from now; up front, after the settle time.
+    ahead = plan.settle + plan.lead if plan.up_front else plan.advance + 1.0
+    start = _now() + timedelta(seconds=ahead)
     step = timedelta(seconds=plan.steady_seconds / plan.steady_count)
     return [start + step * i for i in range(plan.steady_count)]
 
 
-async def _steady_into(stack: Stack, plan: Plan, progress: Progress, row: Row) -> None:
+async def _paced_sends(
+    stack: Stack,
+    plan: Plan,
+    progress: Progress,
+    row: Row,
+    label: str,
+    times: list[datetime],
+    *,
+    personalize: bool,
+) -> tuple[int, list[float]]:
+    """Publishes each request `plan.advance` seconds before its due time while the earlier ones
+    are being sent, as requests arrive in production; returns what `_timed_sends` returns."""
+    base = await max_id(stack.pool)
+    ids = stack.contractor_ids
+    bodies = [
+        request_body(f"{label}-{i}", ids[i % len(ids)], moment, personalize=personalize)
+        for i, moment in enumerate(times)
+    ]
+    moments = paced_moments([moment.timestamp() for moment in times], plan.advance)
+    async with AmqpPublisher(stack.rabbitmq_url, name="bench") as publisher:
+        publishing = asyncio.create_task(
+            publish_paced(publisher, list(zip(moments, bodies, strict=True)), plan.window)
+        )
+        deadline = times[-1].timestamp() + plan.timeout
+        with progress.track(f"{label}: sends ({plan.advance:g} s ahead)", len(times)) as tracker:
+            complete = await wait_for_calls(
+                stack.receiver, len(times), deadline, tracker, abort=publishing
+            )
+        pace = await publishing
+    row.extra["pace"] = {
+        "advance_s": plan.advance,
+        "behind_p99_ms": pace.behind_p99_ms,
+        "behind_max_ms": pace.behind_max_ms,
+    }
+    if (pace.behind_max_ms or 0) > 100:
+        row.notes.append(
+            f"the publisher fell behind its schedule by up to {pace.behind_max_ms:,.0f} ms"
+        )
+    if not complete:
+        row.notes.append(f"timed out {plan.timeout:.0f} s after the last scheduled time")
+    await asyncio.sleep(GRACE)
+    stored = sum((await statuses(stack.pool, base)).values())
+    if stored < len(times):
+        row.notes.append(f"only {stored:,} of {len(times):,} requests were stored")
+    first = fill_sends(row, deliveries(stack.receiver))
+    row.extra["statuses"] = await statuses(stack.pool, base)
+    row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
+    return base, sorted(d.received_at for d in first)
+
+
+async def _steady_into(stack: Stack, plan: Plan, progress: Progress, row: Row, label: str) -> None:
     row.expected = plan.steady_count
-    base, received = await _timed_sends(
-        stack, plan, progress, row, "steady", _steady_times(plan), personalize=True
+    sends = _timed_sends if plan.up_front else _paced_sends
+    base, received = await sends(
+        stack, plan, progress, row, label, _steady_times(plan), personalize=True
     )
     if len(received) > 1:
         row.throughput = mean_rate(len(received) - 1, received[-1] - received[0])
         row.throughput_unit = "sends/s"
     row.extra["text"] = await text_sources(stack.pool, base)
+    row.extra["arrival"] = "up front" if plan.up_front else f"paced, {plan.advance:g} s ahead"
 
 
-async def steady(stack: Stack, plan: Plan, progress: Progress) -> Row:
-    """2,000 follow-ups spread evenly over 20 s, AI on (the stand-in answers in 300 ms)."""
-    row = Row("steady", stack.options.backend)
+async def _steady_row(stack: Stack, plan: Plan, progress: Progress, name: str) -> Row:
+    row = Row(name, stack.options.backend)
     sampler = Sampler(stack.service_pids(), stack.pool)
     await sampler.start()
     try:
-        await _steady_into(stack, plan, progress, row)
+        await _steady_into(stack, plan, progress, row, name)
     finally:
         await sampler.stop()
         fill_resources(row, sampler)
+    fill_cpu_per_followup(row, plan.steady_count)
     return row
+
+
+async def steady(stack: Stack, plan: Plan, progress: Progress) -> Row:
+    """2,000 follow-ups spread evenly over 20 s, AI on (the stand-in answers in 300 ms), each
+    request published 8 s before its due time (or all up front with --up-front)."""
+    return await _steady_row(stack, plan, progress, "steady")
+
+
+async def capacity(stack: Stack, plan: Plan, progress: Progress) -> Row:
+    """One step of capacity: steady at `plan.steady_count / plan.steady_seconds` per second."""
+    return await _steady_row(stack, plan, progress, "capacity")
 
 
 async def burst(stack: Stack, plan: Plan, progress: Progress) -> Row:
@@ -157,6 +230,7 @@ async def burst(stack: Stack, plan: Plan, progress: Progress) -> Row:
     finally:
         await sampler.stop()
         fill_resources(row, sampler)
+    fill_cpu_per_followup(row, plan.burst_count)
     if received:
         drain = received[-1] - due.timestamp()
         row.throughput = mean_rate(len(received), drain)
@@ -181,6 +255,7 @@ async def ingest(stack: Stack, plan: Plan, progress: Progress) -> Row:
     finally:
         await sampler.stop()
         fill_resources(row, sampler)
+    fill_cpu_per_followup(row, plan.ingest_count)
     row.sent = sum((await statuses(stack.pool, base)).values())
     if persisted is None:
         row.notes.append("not every request was persisted within the timeout")
@@ -196,13 +271,13 @@ async def ingest(stack: Stack, plan: Plan, progress: Progress) -> Row:
 
 
 async def settled_timer_count(vhost: str, patience: float = 12.0) -> int:
-    """Messages in the timer level queues. The broker refreshes queue figures every few
+    """Messages in the timer queues. The broker refreshes queue figures every few
     seconds, so this asks until two answers agree."""
     deadline = time.monotonic() + patience
     last = -1
     while True:
         queues = await asyncio.to_thread(queue_figures, vhost)
-        count = sum(n for name, (n, _) in queues.items() if name.startswith(TIMER_LEVEL_PREFIX))
+        count = sum(n for name, (n, _) in queues.items() if name.startswith(TIMER_PREFIX))
         if count == last or time.monotonic() > deadline:
             return count
         last = count
@@ -220,7 +295,7 @@ async def pending(stack: Stack, plan: Plan, progress: Progress) -> Row:
         load = load_direct if plan.pending_method == "direct" else load_through_scheduler
         loaded = await load(stack, plan.pending_count, plan.lead, plan.window, progress)
         after_load = await memory_snapshot(stack)
-        await _steady_into(stack, plan, progress, row)
+        await _steady_into(stack, plan, progress, row, "pending")
         after_steady = await memory_snapshot(stack)
     finally:
         await sampler.stop()
@@ -280,6 +355,7 @@ SCENARIOS: dict[str, Scenario] = {
     "burst": burst,
     "ingest": ingest,
     "pending": pending,
+    "capacity": capacity,
 }
 # Which scenarios ask the stand-in model for text.
-NEEDS_AI = {"steady", "pending"}
+NEEDS_AI = {"steady", "pending", "capacity"}
