@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install services run test test-unit test-integration test-e2e lint format typecheck check docs bench chaos clean
+.PHONY: help install services run test test-unit test-integration test-e2e lint format typecheck check docs bench chaos cluster clean
 
 help:
 	@echo "make run        install, migrate, declare the topology, run the three services"
@@ -13,6 +13,7 @@ help:
 	@echo "make check      lint (ruff), format check, types (mypy) and the tests"
 	@echo "make docs       regenerate docs/asyncapi.json and deploy/rabbitmq/definitions.json"
 	@echo "make bench      benchmarks (not part of make test)"
+	@echo "make cluster    3-node RabbitMQ cluster, kill a node mid-run: no timer lost (needs root)"
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +67,10 @@ chaos: install services
 
 bench: install services
 	$(BIN)/python -m bench
+
+# A few minutes; starts three RabbitMQ nodes of its own beside the machine's (see README).
+cluster: install services
+	$(BIN)/python -m cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
