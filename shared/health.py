@@ -1,7 +1,8 @@
 """A service's HTTP side, served beside its consumer: liveness, readiness and Prometheus metrics.
 
 GET /healthz   200 while the process and its event loop answer (liveness)
-GET /readyz    200 when both broker connections, the database and the consumer all work, else 503
+GET /readyz    200 when both broker connections, the database, the consumer and the service's own
+               checks (the dispatcher's repair sweep) all work, else 503
 GET /metrics   the default Prometheus registry (shared.metrics and FastStream's own)
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,18 +60,45 @@ def metrics_middleware(service: str) -> PrometheusMiddleware[Any, Any]:
 
 
 @dataclass
+class Heartbeat:
+    """Proof that a background loop still gets through its work: `check` is "ok" while the last
+    `beat` (or the `start`, before the first one) is at most `max_age` seconds old."""
+
+    max_age: float
+    monotonic: Callable[[], float] = time.monotonic
+    _last: float | None = field(default=None, init=False)
+
+    def start(self) -> None:
+        self._last = self.monotonic()
+
+    beat = start
+
+    def check(self) -> str:
+        if self._last is None:
+            return "not started"
+        age = self.monotonic() - self._last
+        if age > self.max_age:
+            return f"no pass completed for {age:.0f} s (the limit is {self.max_age:.0f} s)"
+        return OK
+
+
+@dataclass
 class Readiness:
-    """Whether the service can do its work now. `pool` is set once the service has started."""
+    """Whether the service can do its work now. `pool` is set once the service has started;
+    `checks` are the service's own, each answering "ok" or why not."""
 
     broker: RabbitBroker
     publisher: AmqpPublisher
     pool: asyncpg.Pool | None = None
     timeout: float = PROBE_TIMEOUT_SECONDS
+    checks: Mapping[str, Callable[[], str]] = field(default_factory=dict)
 
     async def check(self) -> dict[str, str]:
         """Each check's result: "ok", or why it is not."""
         broker, database = await asyncio.gather(self.check_broker(), self.check_database())
-        return {"broker": broker, "database": database, "consumer": self.check_consumer()}
+        results = {"broker": broker, "database": database, "consumer": self.check_consumer()}
+        results.update((name, check()) for name, check in self.checks.items())
+        return results
 
     async def check_broker(self) -> str:
         if not self.publisher.is_connected:

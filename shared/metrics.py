@@ -77,6 +77,10 @@ LLM_LATENCY = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60),
 )
 LLM_TOKENS = Counter("followups_llm_tokens_total", "Tokens used, by kind", ["kind"])
+SWEEP_LAST_PASS = Gauge(
+    "followups_sweep_last_pass_timestamp_seconds",
+    "Unix time when this dispatcher's repair sweep last completed a pass (a standby's too)",
+)
 CLOCK_OFFSET = Gauge(
     "followups_clock_offset_seconds",
     "The database's clock minus this host's, at the measurement the service's clock runs on",

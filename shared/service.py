@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -77,14 +77,16 @@ def create_service_app(
     *,
     prefetch: int,
     background: Sequence[Callable[[Runtime], Coroutine[Any, Any, None]]] = (),
+    checks: Mapping[str, Callable[[], str]] | None = None,
 ) -> FastStream:
-    """`background` jobs run beside the consumer once the broker is connected, until shutdown."""
+    """`background` jobs run beside the consumer once the broker is connected, until shutdown;
+    `checks` join the readiness checks (each answers "ok" or why not)."""
     configure_logging(settings)
     log = get_logger(f"followups.{name}").bind(service=name)
     broker = make_broker(settings.rabbitmq_url, logger=log)
     broker.add_middleware(metrics_middleware(name))
     publisher = AmqpPublisher(settings.rabbitmq_url, name=name)
-    readiness = Readiness(broker, publisher)
+    readiness = Readiness(broker, publisher, checks=dict(checks or {}))
     handlers: list[Handler] = []
     runtimes: list[Runtime] = []
     jobs: list[asyncio.Task[None]] = []

@@ -15,7 +15,7 @@ from standardwebhooks import Webhook
 from services.dispatcher.gateway import ConsoleSink, Gateway, WebhookGateway
 from services.dispatcher.handlers import DispatcherDeps, handle
 from services.dispatcher.repository import DispatchRepository
-from services.dispatcher.sweep import Sweeper
+from services.dispatcher.sweep import Sweeper, sweep_heartbeat
 from shared.consumer import Handler
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
@@ -65,6 +65,8 @@ def create_app(settings: Settings) -> FastStream:
         )
         return partial(handle, deps=deps)
 
+    heartbeat = sweep_heartbeat(timedelta(seconds=settings.sweep_interval_seconds))
+
     def _sweep(runtime: Runtime) -> Coroutine[Any, Any, None]:
         sweeper = Sweeper(
             dsn=settings.database_url,
@@ -74,6 +76,7 @@ def create_app(settings: Settings) -> FastStream:
             interval=timedelta(seconds=settings.sweep_interval_seconds),
             grace=timedelta(seconds=settings.sweep_grace_seconds),
             lead=timedelta(seconds=settings.personalize_lead_seconds),
+            heartbeat=heartbeat,
         )
         return sweeper.run_forever()
 
@@ -86,6 +89,7 @@ def create_app(settings: Settings) -> FastStream:
         # instant in memory, holding a place meanwhile: at 800 follow-ups/s that is ~400.
         prefetch=max(512, settings.dispatch_concurrency * 4),
         background=[_sweep],
+        checks={"sweep": heartbeat.check},
     )
     app.after_shutdown(gateway.aclose)
     return app

@@ -5,25 +5,36 @@ loses timers (the delayed-message plugin keeps one copy on one node; a purge; a 
 whose send should have happened more than the grace period ago are armed again, so every
 follow-up is still delivered, late by at most the sweep interval plus the grace. One dispatcher
 replica at a time sweeps: it holds a PostgreSQL advisory lock on a connection of its own.
+
+Every replica makes a pass each interval: the active one sweeps, a standby tries the lock and,
+finding it held, has nothing to do. Each completed pass beats `heartbeat`, so a sweep that stops
+passing (an error on every pass, a query that hangs) turns the dispatcher's readiness red.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import asyncpg
 
-from shared.db import CONNECTION_ERRORS
+from shared.health import Heartbeat
+from shared.locks import REPAIR_SWEEP
 from shared.logging import get_logger
+from shared.metrics import SWEEP_LAST_PASS
 from shared.pipeline import arm_dispatch, arm_preparation
 from shared.store import FollowupStore
 from shared.timers import Clock, Timer
 
 log = get_logger("followups.sweep")
 
-SWEEP_LOCK = 0x73776565  # advisory lock key: one active sweeper in the fleet
+# Passes a sweep may miss before its dispatcher is unready: one slow or failed pass is no alarm.
+MISSED_PASSES_ALLOWED = 3
+
+
+def sweep_heartbeat(interval: timedelta) -> Heartbeat:
+    return Heartbeat(max_age=MISSED_PASSES_ALLOWED * interval.total_seconds())
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,7 @@ async def sweep_once(
     return SweepReport(len(overdue), len(unprepared))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sweeper:
     dsn: str
     store: FollowupStore
@@ -53,38 +64,65 @@ class Sweeper:
     interval: timedelta
     grace: timedelta
     lead: timedelta
+    heartbeat: Heartbeat
+    # A session of the sweeper's own: the advisory lock lives as long as it does.
+    _session: asyncpg.Connection | None = field(default=None, init=False, repr=False)
+    _leading: bool = field(default=False, init=False)
 
     async def run_forever(self) -> None:
-        """Try to become the fleet's sweeper; sweep while holding the lock; start over when the
-        database connection is lost."""
-        while True:
-            try:
-                connection = await asyncpg.connect(self.dsn)
-            except CONNECTION_ERRORS as exc:
-                log.warning("sweep cannot reach the database", error=exc.__class__.__name__)
-            else:
+        """A pass every interval until cancelled. A pass that fails, whatever the error, is
+        logged and gives the lock up (another replica may take over), and the next pass starts
+        over after the pause."""
+        self.heartbeat.start()
+        try:
+            while True:
                 try:
-                    await self._lead_while_locked(connection)
-                except CONNECTION_ERRORS as exc:
-                    log.warning("sweep lost its database connection", error=exc.__class__.__name__)
-                finally:
-                    if not connection.is_closed():
-                        await connection.close()
-            await asyncio.sleep(self.interval.total_seconds())
+                    await self.pass_once()
+                except Exception as exc:
+                    log.error(
+                        "repair sweep pass failed; trying again after a pause",
+                        error=exc.__class__.__name__,
+                        exc_info=True,
+                    )
+                    await self._release()
+                else:
+                    self.heartbeat.beat()
+                    SWEEP_LAST_PASS.set_to_current_time()
+                await asyncio.sleep(self.interval.total_seconds())
+        finally:
+            await self._release()
 
-    async def _lead_while_locked(self, connection: asyncpg.Connection) -> None:
-        pause = self.interval.total_seconds()
-        # Polls a lock another process holds: no event to wait on.
-        while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK):  # noqa: ASYNC110
-            await asyncio.sleep(pause)
-        log.info("this dispatcher runs the repair sweep", interval_seconds=pause)
-        while True:
-            report = await sweep_once(self.store, self.timer, self.clock, self.grace, self.lead)
-            if report.dispatch_rearmed or report.personalize_rearmed:
-                log.warning(
-                    "repair sweep re-armed lost timers",
-                    dispatch=report.dispatch_rearmed,
-                    personalize=report.personalize_rearmed,
-                )
-            await asyncio.sleep(pause)
-            await connection.execute("SELECT 1")  # the lock lives as long as this connection
+    async def pass_once(self) -> SweepReport | None:
+        """Sweep if this replica holds the lock or can take it now; None while another does."""
+        if self._session is None or self._session.is_closed():
+            self._session = await asyncpg.connect(self.dsn)
+            self._leading = False
+        if self._leading:
+            await self._session.execute("SELECT 1")  # the session, and so the lock, still there
+        else:
+            self._leading = await self._session.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", *REPAIR_SWEEP
+            )
+            if not self._leading:
+                return None
+            log.info(
+                "this dispatcher runs the repair sweep",
+                interval_seconds=self.interval.total_seconds(),
+            )
+        report = await sweep_once(self.store, self.timer, self.clock, self.grace, self.lead)
+        if report.dispatch_rearmed or report.personalize_rearmed:
+            log.warning(
+                "repair sweep re-armed lost timers",
+                dispatch=report.dispatch_rearmed,
+                personalize=report.personalize_rearmed,
+            )
+        return report
+
+    async def _release(self) -> None:
+        """Close the session, which releases the lock if it held it."""
+        session, self._session, self._leading = self._session, None, False
+        if session is not None and not session.is_closed():
+            try:
+                await session.close(timeout=5)
+            except Exception:
+                session.terminate()

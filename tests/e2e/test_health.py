@@ -41,9 +41,10 @@ async def test_every_service_serves_health_readiness_and_metrics(pool, bus, star
             assert live.status_code == 200, name
             ready = await client.get(f"{base}/readyz")
             assert ready.status_code == 200, ready.text
+            own = {"sweep": "ok"} if name == "dispatcher" else {}
             assert ready.json() == {
                 "status": "ready",
-                "checks": {"broker": "ok", "database": "ok", "consumer": "ok"},
+                "checks": {"broker": "ok", "database": "ok", "consumer": "ok", **own},
             }
             assert (await client.get(f"{base}/nothing")).status_code == 404
 
@@ -68,6 +69,8 @@ async def test_every_service_serves_health_readiness_and_metrics(pool, bus, star
     assert metric(scheduler, "followups_timers_armed_total", backend="levels") >= 2
     assert metric(dispatcher, "followups_sends_total", outcome="sent") == 1
     assert metric(dispatcher, "followups_send_lateness_seconds_count") == 1
+    # The sweep's first pass runs at start.
+    assert metric(dispatcher, "followups_sweep_last_pass_timestamp_seconds") > 0
     timer_handlers = set(re.findall(r'handler="(followups\.timers\.[^"]*)"', dispatcher))
     assert timer_handlers == {"followups.timers.followups.dispatcher.due"}
     lateness = metric(dispatcher, "followups_send_lateness_seconds_sum") * 1000
