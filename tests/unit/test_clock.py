@@ -16,7 +16,7 @@ from shared.clock import MAX_DRIFT, DatabaseClock, TimeSource
 from shared.timers import Clock
 
 START = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
-RESOLUTION = 1e-6  # both sides keep microseconds
+RESOLUTION = 2e-6  # both sides keep microseconds, and each rounds once
 
 
 class World:
