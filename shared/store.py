@@ -335,13 +335,11 @@ class FollowupStore:
         self,
         request: FollowupRequested,
         key: str,
-        *,
-        before_commit: Callable[[Followup], Awaitable[None]],
     ) -> tuple[Followup, bool]:
-        """Insert once per idempotency key; `before_commit` (arming timers) runs inside the
-        transaction, so a failed arm leaves no row. A contractor who opted out gets the row
-        recorded as skipped, a key cancelled before its request arrived as cancelled; neither
-        gets timers. Returns (row, created)."""
+        """Insert once per idempotency key. A contractor who opted out gets the row recorded as
+        skipped, a key cancelled before its request arrived as cancelled. Returns (row,
+        created). The caller arms the timers of a `scheduled` row after this commits: a timer
+        due at once must find the row."""
         async with self._pool.acquire() as connection, connection.transaction():
             # Serialises with a cancel of the same key, so one of the two sees the other.
             await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
@@ -397,10 +395,7 @@ class FollowupStore:
                         RETURNING {_COLUMNS}""",
                     record["id"],
                 )
-            row = Followup.from_record(record)
-            if row.status is Status.SCHEDULED:
-                await before_commit(row)
-            return row, True
+            return Followup.from_record(record), True
 
     async def get(self, followup_id: int) -> Followup | None:
         record = await self._pool.fetchrow(f"{_SELECT} WHERE id = $1", followup_id)
@@ -458,11 +453,10 @@ class FollowupStore:
         self,
         reference: Reference,
         scheduled_time: datetime,
-        *,
-        before_commit: Callable[[Followup], Awaitable[None]],
     ) -> Followup | None:
         """Move a pending follow-up to a new time under a new version: the old timers are
-        dropped when they fire, the new ones (armed in `before_commit`) are the only live ones.
+        dropped when they fire, the new ones (armed by the caller after this commits) are the
+        only live ones.
         None when there is nothing pending to move; the row unchanged when the time is the same.
         A row whose webhook call is under way keeps the new time (`reschedule_to`) and is
         returned still `sending`: the dispatcher moves it when the call ends, unless the gateway
@@ -499,9 +493,7 @@ class FollowupStore:
                 return Followup.from_record(kept)
             if current.scheduled_time == scheduled_time:
                 return current
-            row = await move(connection, current, scheduled_time, stage="scheduler")
-            await before_commit(row)
-            return row
+            return await move(connection, current, scheduled_time, stage="scheduler")
 
     # ---- responses and opt-out --------------------------------------------------------------
 

@@ -66,15 +66,21 @@ async def schedule(request: FollowupRequested, incoming: Incoming, deps: Schedul
         raise Rejected("template", str(exc)) from None
     key = idempotency_key(request, incoming)
     try:
-        row, created = await deps.store.insert(
-            request, key, before_commit=lambda row: arm_timers(row, deps)
-        )
+        row, created = await deps.store.insert(request, key)
     except asyncpg.ForeignKeyViolationError as exc:
         raise Rejected("unknown_reference", _missing_reference(exc)) from None
     bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id)
     if not created:
+        if incoming.redelivered and row.status is Status.SCHEDULED:
+            # Stored, but this service may have stopped before its timers were armed: arm them
+            # again (a timer twice is harmless, none at all would leave it to the sweep).
+            await arm_timers(row, deps)
+            bound.info("redelivered request: timers armed again")
+            return
         bound.info("duplicate request ignored", status=row.status)
         return
+    if row.status is Status.SCHEDULED:
+        await arm_timers(row, deps)
     if row.status is Status.SKIPPED:
         bound.info("contractor opted out; follow-up skipped")
         await announce(deps.publisher, "followup.skipped", row, deps.clock, reason="opted_out")
@@ -142,9 +148,11 @@ async def cancel(command: CancelRequested, deps: SchedulerDeps) -> None:
 
 async def reschedule(command: RescheduleRequested, deps: SchedulerDeps) -> None:
     reference = Reference(command.followup_id, command.idempotency_key)
-    row = await deps.store.reschedule(
-        reference, command.scheduled_time, before_commit=lambda row: arm_timers(row, deps)
-    )
+    row = await deps.store.reschedule(reference, command.scheduled_time)
+    if row is not None and row.status is Status.SCHEDULED:
+        # Also when the time was already the new one: a redelivered command may find the move
+        # stored but its timers never armed.
+        await arm_timers(row, deps)
     if row is None:
         log.info("nothing pending to reschedule", followup_id=command.followup_id)
         return

@@ -104,8 +104,9 @@ async def test_reschedule_only_the_new_time_fires(pool, bus, receiver, start_ser
     contractor = await add_contractor(pool)
     start_services(PERSONALIZE_LEAD_SECONDS="2")
     # earlier: before the text was prepared; later: after it was prepared
-    await request_followup(bus, contractor, soon(12), idempotency_key="earlier")
-    await request_followup(bus, contractor, soon(3.5), idempotency_key="later")
+    ai = {"ai_should_personalize": True}
+    await request_followup(bus, contractor, soon(12), idempotency_key="earlier", **ai)
+    await request_followup(bus, contractor, soon(3.5), idempotency_key="later", **ai)
     earlier_id = await _id_for(pool, "earlier")
     later_id = await _id_for(pool, "later")
 

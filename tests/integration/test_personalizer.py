@@ -81,10 +81,6 @@ async def announced(settings) -> AsyncIterator[list[dict[str, Any]]]:
     await connection.close()
 
 
-async def _noop(row: Followup) -> None:
-    return None
-
-
 async def _followup(store: FollowupStore, pool, *, ahead: float = 30, **extra: Any) -> Followup:
     contractor = await add_contractor(pool)
     request = FollowupRequested.model_validate(
@@ -101,7 +97,7 @@ async def _followup(store: FollowupStore, pool, *, ahead: float = 30, **extra: A
             **extra,
         }
     )
-    row, _ = await store.insert(request, f"key:{uuid.uuid4()}", before_commit=_noop)
+    row, _ = await store.insert(request, f"key:{uuid.uuid4()}")
     return row
 
 

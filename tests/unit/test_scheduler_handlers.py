@@ -1,5 +1,6 @@
 """Scheduler decisions on fakes that subclass the real ports (no broker, no database)."""
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -8,17 +9,38 @@ import pytest
 from services.scheduler.handlers import SchedulerDeps, handle, idempotency_key, opt_change
 from shared.consumer import Incoming
 from shared.errors import Rejected
-from shared.schemas import FollowupRequested
-from shared.store import FollowupStore, Reference, ResponseOutcome
+from shared.schemas import FollowupRequested, Status
+from shared.store import Followup, FollowupStore, Reference, ResponseOutcome
 from shared.timers import LevelsTimer
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def _row(status: Status = Status.SCHEDULED) -> Followup:
+    values = {field.name: None for field in dataclasses.fields(Followup)}
+    values.update(
+        id=9,
+        version=1,
+        contractor_id=1,
+        status=status,
+        scheduled_time=NOW + timedelta(hours=1),
+        ai_should_personalize=False,
+        followup_type="t",
+    )
+    return Followup(**values)
 
 
 class FakeStore(FollowupStore):
     def __init__(self) -> None:
         self.cancelled: list[tuple[Reference, str]] = []
         self.responses: list[dict] = []
+        self.stored: Followup | None = None
+
+    async def insert(self, request, key):
+        if self.stored is not None:
+            return self.stored, False
+        self.stored = _row()
+        return self.stored, True
 
     async def cancel(self, reference, reason):
         self.cancelled.append((reference, reason))
@@ -35,6 +57,9 @@ class FakeStore(FollowupStore):
 class FakePublisher:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
+
+    def timers(self) -> list[str]:
+        return [key for key, _ in self.published if key.endswith(".due")]
 
     async def publish(
         self, body, *, exchange, routing_key, headers=None, priority=None, mandatory=True
@@ -111,3 +136,41 @@ async def test_a_response_from_an_unknown_sender_is_rejected(deps):
     assert caught.value.rule == "unknown_reference"
     assert deps.store.responses[0]["opt_out"] is True
     assert "4155552671" not in caught.value.detail
+
+
+def _requested(redelivered: bool = False) -> Incoming:
+    body = json.dumps(
+        {
+            "idempotency_key": "once",
+            "contractor_id": 1,
+            "scheduled_time": (NOW + timedelta(hours=1)).isoformat(),
+            "followup_type": "t",
+            "message_template": "Hi",
+        }
+    ).encode()
+    return Incoming(body, "followup.requested", redelivered=redelivered)
+
+
+async def test_timers_are_armed_once_the_row_is_stored(deps):
+    await handle(_requested(), deps)
+    [send] = deps.publisher.timers()
+    assert send.endswith(".followups.dispatcher.due")
+
+
+async def test_a_duplicate_request_arms_nothing(deps):
+    await handle(_requested(), deps)
+    await handle(_requested(), deps)
+    assert len(deps.publisher.timers()) == 1
+
+
+async def test_a_redelivered_request_arms_its_timers_again(deps):
+    # The first delivery stored the row, then the service stopped before it armed the timers.
+    deps.store.stored = _row()
+    await handle(_requested(redelivered=True), deps)
+    assert len(deps.publisher.timers()) == 1
+
+
+async def test_a_redelivered_request_for_a_row_that_moved_on_arms_nothing(deps):
+    deps.store.stored = _row(Status.SENT)
+    await handle(_requested(redelivered=True), deps)
+    assert deps.publisher.timers() == []

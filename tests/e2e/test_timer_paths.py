@@ -1,0 +1,30 @@
+"""The timer paths of a follow-up through the real services: a timer due at once must find its
+row (timers are armed after the row is committed), and the repair sweep is never needed."""
+
+from __future__ import annotations
+
+from tests.e2e.conftest import request_followup, soon, wait_for_final
+from tests.support.data import add_contractor
+
+
+async def test_followups_due_at_once_are_sent_and_prepared_without_the_sweep(
+    pool, bus, receiver, start_services
+):
+    contractor = await add_contractor(pool)
+    # The sweep's next pass is ten minutes away: whatever is sent here went by its own timers.
+    start_services(SWEEP_INTERVAL_SECONDS="600", PERSONALIZE_LEAD_SECONDS="10")
+    for i in range(20):
+        await request_followup(bus, contractor, soon(-1), idempotency_key=f"now-{i}")
+        await request_followup(
+            bus, contractor, soon(3), idempotency_key=f"ai-{i}", ai_should_personalize=True
+        )
+    rows = await wait_for_final(pool, 40, timeout=45)
+    assert [r["status"] for r in rows] == ["sent"] * 40
+    assert len(receiver.calls) == 40
+    prepared = [r for r in rows if r["idempotency_key"].startswith("key:ai-")]
+    # Prepared by the personalizer (the preparation was published at once, within its window),
+    # not rendered by the dispatcher because the text was not ready.
+    assert {r["text_fallback_reason"] for r in prepared} == {"ai_disabled"}
+    assert all(r["prepared_version"] == r["version"] for r in prepared)
+    plain = [r for r in rows if r["idempotency_key"].startswith("key:now-")]
+    assert {(r["text_source"], r["text_fallback_reason"]) for r in plain} == {("template", None)}
