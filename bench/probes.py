@@ -4,6 +4,7 @@ and the database's own view of their memory. Linux only, like the servers this r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
@@ -82,14 +83,53 @@ def is_broker(pid: int) -> bool:
         return False
 
 
+AMQP_PORT = 5672
+
+
+def listening_inodes(port: int, tables: Iterable[str] = ("tcp", "tcp6")) -> set[str]:
+    """Socket inodes listening on `port` (state 0A in /proc/net/tcp*)."""
+    found = set()
+    for table in tables:
+        try:
+            lines = (PROC / "net" / table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                found.add(fields[9])
+    return found
+
+
+def holds_socket(pid: int, inodes: set[str]) -> bool:
+    try:
+        for fd in (PROC / str(pid) / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return True
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return False
+
+
+def the_broker(candidates: list[int]) -> list[int]:
+    """The node the services use (listening on the AMQP port): other RabbitMQ nodes on the
+    machine (someone's cluster test) are not counted as our broker."""
+    nodes = [pid for pid in candidates if is_broker(pid)]
+    inodes = listening_inodes(AMQP_PORT)
+    ours = [pid for pid in nodes if holds_socket(pid, inodes)] if inodes else []
+    return ours or nodes
+
+
 def broker_pids() -> list[int]:
-    return [pid for pid in pids_named("beam.smp") if is_broker(pid)]
+    return the_broker(pids_named("beam.smp"))
 
 
 def server_pids() -> dict[str, list[int]]:
     """The broker node and every PostgreSQL process, in one pass over /proc."""
     found = pids_by_name("beam.smp", "postgres")
-    return {"broker": [pid for pid in found["beam.smp"] if is_broker(pid)], **found}
+    return {"broker": the_broker(found["beam.smp"]), **found}
 
 
 class CpuMeter:

@@ -22,6 +22,7 @@ from bench.timer_probe import timerwork
 
 # Scenarios that run without the services' stack.
 PROBES = ("timerwork",)
+PROBE_PATIENCE = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,8 @@ def _count(scenario: str, plan: Plan) -> int:
 async def _probe(context: Context, name: str) -> None:
     context.progress.say(f"[{name}] arming single timers in vhosts of their own")
     try:
-        row = await timerwork(context.progress)
+        # The broker is shared: a stuck connection must not hold up the rest of the run.
+        row = await asyncio.wait_for(timerwork(context.progress), PROBE_PATIENCE)
     except Exception as exc:
         row = Row(name, "levels", notes=[f"failed: {exc!r}"[:400]])
     row.scenario = name

@@ -136,20 +136,23 @@ async def _paced_sends(
     progress: Progress,
     row: Row,
     label: str,
-    times: list[datetime],
+    schedule: Callable[[], list[datetime]],
     *,
     personalize: bool,
 ) -> tuple[int, list[float]]:
     """Publishes each request `plan.advance` seconds before its due time while the earlier ones
-    are being sent, as requests arrive in production; returns what `_timed_sends` returns."""
+    are being sent, as requests arrive in production; returns what `_timed_sends` returns. The
+    due times are taken from `schedule` once the publisher is connected, so a slow start never
+    eats into the first requests' advance."""
     base = await max_id(stack.pool)
     ids = stack.contractor_ids
-    bodies = [
-        request_body(f"{label}-{i}", ids[i % len(ids)], moment, personalize=personalize)
-        for i, moment in enumerate(times)
-    ]
-    moments = paced_moments([moment.timestamp() for moment in times], plan.advance)
     async with AmqpPublisher(stack.rabbitmq_url, name="bench") as publisher:
+        times = schedule()
+        bodies = [
+            request_body(f"{label}-{i}", ids[i % len(ids)], moment, personalize=personalize)
+            for i, moment in enumerate(times)
+        ]
+        moments = paced_moments([moment.timestamp() for moment in times], plan.advance)
         publishing = asyncio.create_task(
             publish_paced(publisher, list(zip(moments, bodies, strict=True)), plan.window)
         )
@@ -182,10 +185,14 @@ async def _paced_sends(
 
 async def _steady_into(stack: Stack, plan: Plan, progress: Progress, row: Row, label: str) -> None:
     row.expected = plan.steady_count
-    sends = _timed_sends if plan.up_front else _paced_sends
-    base, received = await sends(
-        stack, plan, progress, row, label, _steady_times(plan), personalize=True
-    )
+    if plan.up_front:
+        base, received = await _timed_sends(
+            stack, plan, progress, row, label, _steady_times(plan), personalize=True
+        )
+    else:
+        base, received = await _paced_sends(
+            stack, plan, progress, row, label, lambda: _steady_times(plan), personalize=True
+        )
     if len(received) > 1:
         row.throughput = mean_rate(len(received) - 1, received[-1] - received[0])
         row.throughput_unit = "sends/s"

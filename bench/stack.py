@@ -27,6 +27,8 @@ from testbed.webhook import WebhookReceiver
 SERVICES = ("scheduler", "personalizer", "dispatcher")
 # With --replicas N these run N processes each; one personalizer waits on the model, not on CPU.
 SCALED_OUT = ("scheduler", "dispatcher")
+# Seconds each service may take to start: on a busy shared machine that can pass half a minute.
+READY_TIMEOUT = 120.0
 AI_TEXT = "Hi there, a quick check-in about your paperwork. Thanks!"
 
 
@@ -153,7 +155,7 @@ class Stack:
             self.openai.base_url if self.openai else None,
         )
         self.options.log_dir.mkdir(parents=True, exist_ok=True)
-        self.services = ServiceSet(env, self.options.log_dir, SERVICES)
+        self.services = ServiceSet(env, self.options.log_dir, SERVICES, ready_timeout=READY_TIMEOUT)
         # Starting blocks while it waits for each service; the receivers keep serving meanwhile.
         await asyncio.to_thread(self.services.start)
         for replica in range(2, self.options.replicas + 1):

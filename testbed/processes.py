@@ -79,16 +79,19 @@ class ServiceSet:
         env: Mapping[str, str],
         log_dir: Path,
         names: tuple[str, ...] = ("scheduler", "personalizer", "dispatcher"),
+        ready_timeout: float = 30.0,
     ) -> None:
         self.env = dict(env)
         self.log_dir = log_dir
+        # How long each service may take to say it started (a loaded machine starts slowly).
+        self.ready_timeout = ready_timeout
         self.services = {name: ServiceProcess(name, env, log_dir) for name in names}
 
     def add(self, label: str, name: str, **overrides: str) -> ServiceProcess:
         """Another replica (or a differently configured process) of service `name`."""
         process = ServiceProcess(name, {**self.env, **overrides}, self.log_dir, label)
         self.services[label] = process
-        process.start()
+        process.start(self.ready_timeout)
         return process
 
     def __getitem__(self, name: str) -> ServiceProcess:
@@ -96,7 +99,7 @@ class ServiceSet:
 
     def start(self) -> None:
         for service in self.services.values():
-            service.start()
+            service.start(self.ready_timeout)
 
     def stop(self) -> None:
         for service in self.services.values():
