@@ -10,6 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
+from shared.errors import Rejected
 from shared.logging import get_logger
 from shared.schemas import FollowupRequested, Status
 
@@ -341,8 +342,18 @@ class FollowupStore:
         created). The caller arms the timers of a `scheduled` row after this commits: a timer
         due at once must find the row."""
         async with self._pool.acquire() as connection, connection.transaction():
-            # Serialises with a cancel of the same key, so one of the two sees the other.
-            await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
+            # The lock serialises with a cancel of the same key, so one of the two sees the
+            # other. In the same round trip: whose action item the request names. Another
+            # contractor's would put that contractor's item in this one's SMS and let it decide
+            # skip_if_completed, so it counts as a reference that does not exist.
+            item_owner = await connection.fetchval(
+                """SELECT (SELECT contractor_id FROM contractor_action_items WHERE id = $2)
+                   FROM pg_advisory_xact_lock(hashtext($1))""",
+                key,
+                request.action_item_id,
+            )
+            if item_owner is not None and item_owner != request.contractor_id:
+                raise Rejected("unknown_reference", "action_item_id belongs to another contractor")
             record = await connection.fetchrow(
                 f"""WITH flags AS (
                         SELECT (SELECT sms_opt_out FROM contractors WHERE id = $1) AS opted_out,

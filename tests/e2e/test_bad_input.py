@@ -64,7 +64,7 @@ def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body).encode()
 
 
-def bad_messages(contractor_id: int) -> list[Bad]:
+def bad_messages(contractor_id: int, foreign_item: int) -> list[Bad]:
     now = datetime.now(UTC)
     return [
         Bad(
@@ -238,6 +238,19 @@ def bad_messages(contractor_id: int) -> list[Bad]:
             reason_mentions="action_item_id",
         ),
         Bad(
+            "another_contractors_action_item",
+            "unknown_reference",
+            encode(
+                request(
+                    contractor_id,
+                    action_item_id=foreign_item,
+                    skip_if_completed=True,
+                    message_template="Hi {first_name}, about {action_item}.",
+                )
+            ),
+            reason_mentions="another contractor",
+        ),
+        Bad(
             "unknown_event",
             "unknown_reference",
             encode(request(contractor_id, event_id=MISSING_ID)),
@@ -321,11 +334,12 @@ async def test_bad_messages_are_dead_lettered_with_their_rule_and_valid_ones_are
 ):
     contractor = await add_contractor(pool)
     await add_action_item(pool, contractor)
+    foreign_item = await add_action_item(pool, await add_contractor(pool, first_name="Alex"))
     dlq = await channel.get_queue(SCHEDULER_INBOX.dead_letter_queue, ensure=False)
     await dlq.purge()
     services = start_services()
 
-    cases = bad_messages(contractor)
+    cases = bad_messages(contractor, foreign_item)
     valid = 0
     for i, bad in enumerate(cases):
         await publish(channel, None, encode(request(contractor, idempotency_key=f"before-{i}")))

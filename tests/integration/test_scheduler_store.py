@@ -103,6 +103,28 @@ async def test_bad_references_are_rejected_at_scheduling_time(
     assert await _count(pool) == 0
 
 
+async def test_another_contractors_action_item_is_an_unknown_reference(
+    pool, store, levels_timer, publisher
+):
+    contractor = await add_contractor(pool)
+    other = await add_contractor(pool, first_name="Alex")
+    their_item = await add_action_item(pool, other, title="Alex's own matter")
+    body = _request(
+        contractor,
+        action_item_id=their_item,
+        message_template="About {action_item}",
+        skip_if_completed=True,
+    )
+    with pytest.raises(Rejected) as caught:
+        await handle(
+            Incoming(body=body, routing_key="followup.requested"),
+            _deps(store, levels_timer, publisher),
+        )
+    assert caught.value.rule == "unknown_reference"
+    assert "action_item_id" in caught.value.detail
+    assert await _count(pool) == 0
+
+
 async def test_action_item_reference_is_accepted(pool, store, levels_timer, publisher):
     contractor = await add_contractor(pool)
     item = await add_action_item(pool, contractor)
