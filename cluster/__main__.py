@@ -26,7 +26,9 @@ def parse(argv: list[str]) -> Plan:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--followups", type=int, default=DEFAULTS.followups)
+    parser.add_argument(
+        "--followups", type=int, default=DEFAULTS.followups, help="follow-ups to request"
+    )
     parser.add_argument(
         "--span", type=float, default=DEFAULTS.span, help="seconds the due times spread over"
     )
@@ -46,14 +48,20 @@ def parse(argv: list[str]) -> Plan:
         "--dlx-confirm-timeout-ms",
         type=int,
         default=DEFAULTS.dlx_confirm_timeout_ms,
-        help="the nodes' dead_letter_worker_publisher_confirm_timeout (the broker's own "
-        "default is 180000)",
+        help="the nodes' dead_letter_worker_publisher_confirm_timeout: how soon a dead-letter "
+        "worker forwards again what its target refused (the broker's default)",
     )
     parser.add_argument(
         "--sweep",
         action="store_true",
         help="run the repair sweep as configured by default (held back otherwise, so that "
         "every send comes from a timer the cluster kept)",
+    )
+    parser.add_argument(
+        "--restart-after",
+        type=float,
+        help="start the killed node again this many seconds after the kill (it stays down "
+        "when not given)",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep node data and logs after a successful run"
@@ -70,6 +78,7 @@ def parse(argv: list[str]) -> Plan:
         kill_at=args.kill_at,
         keep=args.keep,
         sweep=args.sweep,
+        restart_after=args.restart_after,
         dlx_confirm_timeout_ms=args.dlx_confirm_timeout_ms,
     )
 

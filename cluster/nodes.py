@@ -57,11 +57,10 @@ def as_rabbitmq_user() -> list[str]:
     raise ClusterError("run `make cluster` as root or as the rabbitmq user (the nodes run as it)")
 
 
-# How long a quorum queue's at-least-once dead-letter worker waits for the target queue's
-# confirm before it forwards the message again; the broker's default is 180 s. A worker whose
-# forwards went to a target whose leader was on the killed node may never get their confirms
-# (seen on 3.10.8): every timer of that level then waits this long, because the worker takes no
-# more messages while its window (32) is full of unconfirmed ones.
+# How long a quorum queue's at-least-once dead-letter worker waits before it forwards again a
+# message that its target refused (or never routed); the broker's default, as users run it.
+# While its window (32 messages) is full of such messages the worker takes no more, so every
+# timer of that level waits.
 DEFAULT_DLX_CONFIRM_TIMEOUT_MS = 180_000
 
 
@@ -296,6 +295,13 @@ class Cluster:
     def kill(self, name: str) -> None:
         self.by_name(name).kill()
         self.killed.add(name)
+
+    def restart(self, name: str) -> None:
+        """Start a killed node again on its own data; it rejoins the cluster by itself."""
+        node = self.by_name(name)
+        node.start()
+        node.wait_until_up()
+        self.killed.discard(name)
 
     def stop(self, keep_data: bool = False) -> None:
         for node in self.nodes:

@@ -9,7 +9,8 @@ from itertools import pairwise
 from bench.measure import Delivery, first_calls
 from bench.stats import duplicates
 
-# Sends must resume within this long after the node is killed.
+# Sends must resume within this long after the node is killed, and no follow-up may be later
+# than this.
 RESUME_WITHIN_SECONDS = 10.0
 # Gaps are looked for from the kill up to this long after it.
 GAP_WINDOW_SECONDS = 30.0
@@ -50,6 +51,7 @@ class Outcome:
     repeated_calls: int  # follow-ups called more than once under the same key
     early: int  # calls received before their scheduled_time
     worst_lateness_s: float | None
+    late: int  # follow-ups sent more than RESUME_WITHIN_SECONDS after their time
     stall_s: float  # how long sends stopped around the kill
     usual_gap_s: float  # the longest pause before the kill
 
@@ -59,6 +61,7 @@ class Outcome:
             self.lost == 0
             and self.double_keys == 0
             and self.early == 0
+            and self.late == 0
             and self.stall_s <= RESUME_WITHIN_SECONDS
         )
 
@@ -85,6 +88,7 @@ def outcome(
         repeated_calls=dup.repeated_calls,
         early=sum(1 for d in mine if d.received_at < d.scheduled_at),
         worst_lateness_s=max(lateness) if lateness else None,
+        late=sum(1 for seconds in lateness if seconds > RESUME_WITHIN_SECONDS),
         stall_s=longest_gap((d.received_at for d in mine), kill_at, until),
         usual_gap_s=longest_gap_before((d.received_at for d in mine), kill_at),
     )
@@ -95,7 +99,8 @@ def summary_line(result: Outcome, killed: str) -> str:
     verdict = "ok" if result.met_goal else "FAILED"
     return (
         f"cluster {verdict}: sent {result.sent}/{result.requested}, lost {result.lost}, "
-        f"double keys {result.double_keys}, early {result.early}, worst lateness {lateness}, "
+        f"double keys {result.double_keys}, early {result.early}, worst lateness {lateness} "
+        f"({result.late} later than {RESUME_WITHIN_SECONDS:.0f} s), "
         f"sends stopped {result.stall_s:.2f} s after killing {killed} "
         f"(longest gap before: {result.usual_gap_s:.2f} s; "
         f"repeated calls, same key: {result.repeated_calls})"

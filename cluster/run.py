@@ -21,7 +21,7 @@ from bench.progress import Progress
 from bench.stack import StackOptions, add_contractors, service_env
 from cluster.balancer import Balancer, Target
 from cluster.leaders import Leadership, busiest_leader, under_replicated
-from cluster.nodes import Cluster
+from cluster.nodes import DEFAULT_DLX_CONFIRM_TIMEOUT_MS, Cluster
 from cluster.outcome import Outcome, outcome, summary_line
 from shared.bus import AmqpPublisher
 from shared.db import create_pool
@@ -42,14 +42,15 @@ class Plan:
     kill_at: float = 0.35  # when to kill, as a fraction of the span
     settle: float = 30.0  # after the last due time: late calls and double sends still count
     keep: bool = False  # keep node data and logs after a successful run
-    dlx_confirm_timeout_ms: int = 2_000  # see cluster.nodes.DEFAULT_DLX_CONFIRM_TIMEOUT_MS
+    dlx_confirm_timeout_ms: int = DEFAULT_DLX_CONFIRM_TIMEOUT_MS
     sweep: bool = False  # let the repair sweep run as configured by default
+    restart_after: float | None = None  # bring the killed node back this long after the kill
 
     @property
     def patience(self) -> float:
         """After the last due time, at most, for the missing ones: long enough for a dead-letter
-        worker to forward again twice."""
-        return max(120.0, 2 * self.dlx_confirm_timeout_ms / 1000 + 60.0)
+        worker to forward again once."""
+        return max(120.0, self.dlx_confirm_timeout_ms / 1000 + 60.0)
 
 
 async def run(plan: Plan, progress: Progress) -> Outcome:
@@ -61,6 +62,7 @@ async def run(plan: Plan, progress: Progress) -> Outcome:
     services: ServiceSet | None = None
     database = Infra(f"followups_cluster_{tag}")
     pool: asyncpg.Pool | None = None
+    restart: asyncio.Task[None] | None = None
     succeeded = False
     progress.say(
         f"cluster: 3 nodes under {base}, dead-letter confirm timeout "
@@ -131,6 +133,10 @@ async def run(plan: Plan, progress: Progress) -> Outcome:
                 f"leader of {leadership.led}/{leadership.timer_queues} timer queues, "
                 f"{links} client connections on it"
             )
+            if plan.restart_after is not None:
+                restart = asyncio.create_task(
+                    _restart(cluster, victim.name, killed_at + plan.restart_after, progress)
+                )
             resumed = False
             deadline = last_due + plan.patience
             settle_until = last_due + plan.settle
@@ -148,6 +154,8 @@ async def run(plan: Plan, progress: Progress) -> Outcome:
                 await asyncio.sleep(0.2)
             tracker.update(len(receiver.calls), "done")
         ended_at = time.time()
+        if restart is not None:
+            await restart
 
         # The database is this run's own: every row is one of its requests.
         found = await pool.fetch("SELECT id FROM contractor_followup_schedules")
@@ -163,6 +171,9 @@ async def run(plan: Plan, progress: Progress) -> Outcome:
         return result
     finally:
         progress.say("stopping the services, the balancer and the cluster's nodes")
+        if restart is not None and not restart.done():
+            restart.cancel()
+            await asyncio.gather(restart, return_exceptions=True)
         if services is not None:
             await asyncio.to_thread(services.stop)
         with contextlib.suppress(Exception):
@@ -177,6 +188,13 @@ async def run(plan: Plan, progress: Progress) -> Outcome:
             shutil.rmtree(base, ignore_errors=True)
         else:
             progress.say(f"node and service logs kept in {base}")
+
+
+async def _restart(cluster: Cluster, name: str, at: float, progress: Progress) -> None:
+    """Start the killed node again on its own data, as an orchestrator restarts a lost pod."""
+    await asyncio.sleep(max(0.0, at - time.time()))
+    await asyncio.to_thread(cluster.restart, name)
+    progress.say(f"  {name} is back (pid {cluster.by_name(name).pid}), restarted on its own data")
 
 
 def _workspace() -> Path:

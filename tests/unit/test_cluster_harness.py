@@ -108,6 +108,12 @@ def test_the_goal_is_none_lost_doubled_or_early_and_sends_back_within_ten_second
     assert on_time.met_goal
     stalled = [*found[:2], delivery(3, "k3", 14.0, 3.0), delivery(4, "k4", 14.1, 4.0)]
     assert not outcome(4, [1, 2, 3, 4], stalled, kill_at=2.5, until=20.0).met_goal
+    # Sends kept flowing (no long pause), but one follow-up waited 30 s: not met either.
+    flowing = [*found, *(delivery(i, f"k{i}", i + 0.1, i) for i in range(5, 40))]
+    held = [*flowing, delivery(40, "k40", 40.0, 10.0)]
+    result = outcome(40, list(range(1, 41)), held, kill_at=2.5, until=50.0)
+    assert (result.lost, result.late, result.stall_s) == (0, 1, pytest.approx(1.0))
+    assert not result.met_goal
 
 
 def test_the_summary_is_one_line_with_every_figure() -> None:
@@ -115,7 +121,7 @@ def test_the_summary_is_one_line_with_every_figure() -> None:
     line = summary_line(outcome(2, [1, 2], found, kill_at=11.0, until=20.0), B)
     assert "\n" not in line
     assert line.startswith("cluster ok: sent 2/2, lost 0, double keys 0, early 0")
-    assert "worst lateness 1.00 s" in line
+    assert "worst lateness 1.00 s (0 later than 10 s)" in line
     assert f"sends stopped 5.75 s after killing {B}" in line
     failed = summary_line(outcome(3, [1, 2], found, kill_at=11.0, until=20.0), B)
     assert failed.startswith("cluster FAILED: sent 2/3, lost 1")
