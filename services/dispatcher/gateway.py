@@ -18,6 +18,10 @@ from shared.logging import mask_phone
 
 RETRYABLE_STATUS = frozenset({408, 429})
 MAX_RETRY_AFTER_SECONDS = 3600.0
+# The outcome depends on the status alone. A body up to this size is read, so the connection
+# can be used again; past it the rest is discarded with the connection, so a webhook answering
+# without end can neither hold a call nor fill the dispatcher's memory.
+MAX_RESPONSE_BYTES = 64 * 1024
 
 
 class Outcome(StrEnum):
@@ -139,7 +143,7 @@ class WebhookGateway(Gateway):
         try:
             response = await self._transport.handle_async_request(call)
             try:
-                await response.aread()
+                await _read_at_most(response, MAX_RESPONSE_BYTES)
             finally:
                 await response.aclose()
         except httpx.TimeoutException:
@@ -152,6 +156,15 @@ class WebhookGateway(Gateway):
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> None:
+    """Read the body up to `limit` bytes; `response.aclose()` then drops the rest."""
+    received = 0
+    async for chunk in response.aiter_raw():
+        received += len(chunk)
+        if received >= limit:
+            return
 
 
 class ConsoleSink(Gateway):
