@@ -1,23 +1,35 @@
-"""Where SMS may go and how they are signed, checked once when the dispatcher starts.
+"""Where SMS may go and how they are signed: checked when the dispatcher starts, and the
+target's addresses again on every new connection.
 
 A wrong N8N_OUTBOUND_WEBHOOK_URL would hand contractors' phone numbers and messages to whatever
 answers there, so a target that is not a public https endpoint stops the service, unless
-WEBHOOK_ALLOW_INSECURE=true says this is local development (a local n8n on localhost:5678).
+WEBHOOK_ALLOW_INSECURE=true says this is local development (a local n8n on localhost:5678). A
+name that resolves elsewhere later (DNS rebinding to a private address) is refused when the
+connection is made: `CheckedAddresses` resolves the host itself, checks what it got with the
+same rules and connects to the address it checked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
+import httpcore
+import httpx
+
 from shared.errors import ConfigurationError
+from shared.logging import get_logger
+
+log = get_logger("followups.webhook_target")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Iterable[str]]
+AsyncResolver = Callable[[str, int], Awaitable[list[str]]]
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 (a format marker, not a secret)
 # Standard Webhooks asks for keys of 24 to 64 random bytes.
@@ -130,3 +142,88 @@ def check_signing_secret(secret: str) -> None:
         raise ConfigurationError(f"{how}; the part after {SECRET_PREFIX} is not base64") from None
     if not MIN_SECRET_BYTES <= len(key) <= MAX_SECRET_BYTES:
         raise ConfigurationError(f"{how}; this one decodes to {len(key)} bytes")
+
+
+async def resolve_async(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+class CheckedAddresses(httpcore.AsyncNetworkBackend):
+    """The network backend of the webhook's connection pool. For each new connection it
+    resolves the host, refuses it unless every address is public (the rules of
+    `check_webhook_target`; with `allow_insecure` any address goes), and connects to an address
+    it checked, so a second lookup can't answer differently. TLS still names the host (SNI and
+    certificate), and so does the Host header."""
+
+    def __init__(
+        self,
+        *,
+        allow_insecure: bool,
+        resolve: AsyncResolver = resolve_async,
+        inner: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._allow_insecure = allow_insecure
+        self._resolve = resolve
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def checked(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            try:
+                addresses = [ipaddress.ip_address(a) for a in await self._resolve(host, port)]
+            except (OSError, UnicodeError) as exc:
+                raise httpcore.ConnectError(f"webhook host does not resolve ({exc})") from None
+        if not addresses:
+            raise httpcore.ConnectError("webhook host has no address")
+        if not self._allow_insecure:
+            for address in addresses:
+                reason = refusal(address)
+                if reason is not None:
+                    log.error("webhook host now resolves to a refused address", reason=reason)
+                    raise httpcore.ConnectError(f"webhook host resolves to {reason}")
+        return addresses
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for address in await self.checked(host, port):
+            try:
+                return await self._inner.connect_tcp(
+                    str(address), port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("the webhook is reached over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def check_every_connection(
+    transport: httpx.AsyncHTTPTransport, backend: CheckedAddresses
+) -> httpx.AsyncHTTPTransport:
+    """Give `transport`'s connection pool `backend` for the connections it opens. httpx 0.28
+    takes no network backend of its own, so it is set on the pool it built (httpcore's
+    AsyncConnectionPool keeps it as `_network_backend`)."""
+    pool = transport._pool
+    if not isinstance(pool, httpcore.AsyncConnectionPool) or not hasattr(pool, "_network_backend"):
+        raise ConfigurationError("this httpx version builds its pool differently; pin httpx")
+    pool._network_backend = backend
+    return transport

@@ -20,7 +20,12 @@ from shared.consumer import Handler
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 from shared.topology import DISPATCHER_DUE
-from shared.webhook_target import check_signing_secret, check_webhook_target
+from shared.webhook_target import (
+    CheckedAddresses,
+    check_every_connection,
+    check_signing_secret,
+    check_webhook_target,
+)
 
 
 def make_gateway(settings: Settings) -> Gateway:
@@ -29,8 +34,11 @@ def make_gateway(settings: Settings) -> Gateway:
     check_webhook_target(
         str(settings.n8n_outbound_webhook_url), allow_insecure=settings.webhook_allow_insecure
     )
-    transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=settings.dispatch_concurrency)
+    transport = check_every_connection(
+        httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=settings.dispatch_concurrency)
+        ),
+        CheckedAddresses(allow_insecure=settings.webhook_allow_insecure),
     )
     secret = settings.webhook_signing_secret
     if secret:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import httpx
+
 from services.dispatcher.app import make_gateway
 from services.dispatcher.gateway import MAX_RESPONSE_BYTES, Outcome, WebhookGateway
 from shared.settings import Settings
+from shared.webhook_target import CheckedAddresses, check_every_connection
 from testbed.webhook import Reply, WebhookReceiver
 from tests.support.data import sms
 
@@ -98,3 +101,37 @@ async def test_an_ordinary_answer_is_read_and_every_call_goes_through():
         await receiver.stop()
     assert [r.outcome for r in results] == [Outcome.SENT] * 3
     assert len(receiver.calls) == 3
+
+
+async def _loopback_answer(*, allow_insecure: bool):
+    """One call to a loopback receiver named `webhook.test`, through a gateway whose every
+    connection is checked (and resolved by a resolver that answers 127.0.0.1)."""
+    receiver = WebhookReceiver(lambda _call, _previous: Reply(200))
+    await receiver.start()
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert host == "webhook.test"
+        return ["127.0.0.1"]
+
+    transport = check_every_connection(
+        httpx.AsyncHTTPTransport(),
+        CheckedAddresses(allow_insecure=allow_insecure, resolve=resolve),
+    )
+    target = WebhookGateway(
+        f"http://webhook.test:{receiver.port}/webhook/sms", transport, None, httpx.Timeout(10)
+    )
+    try:
+        return await target.send(sms()), receiver.calls
+    finally:
+        await target.aclose()
+        await receiver.stop()
+
+
+async def test_a_loopback_address_is_refused_at_connection_time_unless_insecure_is_allowed():
+    refused, calls = await _loopback_answer(allow_insecure=False)
+    assert (refused.outcome, refused.reason) == (Outcome.RETRY, "connection_error:ConnectError")
+    assert calls == []
+    allowed, calls = await _loopback_answer(allow_insecure=True)
+    assert (allowed.outcome, allowed.http_status) == (Outcome.SENT, 200)
+    assert len(calls) == 1
+    assert calls[0].headers["host"].startswith("webhook.test:")  # the name, not the address
