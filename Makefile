@@ -65,8 +65,10 @@ docs: install
 chaos: install services
 	$(BIN)/pytest -m chaos tests/chaos -s
 
+# BENCH_PEER=DIR (a prepared copy of the BullMQ design, README Performance) runs it alongside;
+# arguments for the bench go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--scenario capacity".
 bench: install services
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # A few minutes; starts three RabbitMQ nodes of its own beside the machine's (see README).
 cluster: install services

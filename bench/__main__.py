@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -225,8 +226,14 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
     return plan, selection
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     plan, selection = parse(sys.argv[1:] if argv is None else argv)
+    # Stopped by `timeout` or a CI runner: clean up as after Ctrl-C (stacks stopped, dropped).
+    signal.signal(signal.SIGTERM, _interrupt)
     # A table this wide is cut on an 80-column default when the output is not a terminal.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     try:

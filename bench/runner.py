@@ -49,6 +49,11 @@ class Context:
     rows: list[Row] = dataclasses.field(default_factory=list)
 
 
+def _slug(name: str) -> str:
+    """`capacity 50/s` → `capacity-50s`: a file name."""
+    return name.replace(" #", "-").replace(" ", "-").replace("/", "")
+
+
 def _name(scenario: str, attempt: int, repeat: int) -> str:
     return f"{scenario} #{attempt}" if repeat > 1 else scenario
 
@@ -117,7 +122,7 @@ async def _ours(context: Context, scenario: str, name: str, backend: str, plan: 
     selection = context.selection
     options = StackOptions(
         backend=backend,
-        log_dir=context.log_root / f"{name.replace(' #', '-').replace(' ', '-')}-{backend}",
+        log_dir=context.log_root / f"{_slug(name)}-{backend}",
         ai_delay=plan.ai_delay if scenario in NEEDS_AI else None,
         lead=plan.lead,
         dispatch_concurrency=selection.dispatch_concurrency,
