@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from services.cli import commands, dlq, doctor, exports, runtime, views
+from services.cli import commands, dlq, doctor, exports, prune, runtime, views
 
 app = typer.Typer(
     help="followups: follow-up SMS delivered at their exact scheduled time.",
@@ -25,6 +25,7 @@ app.command("list")(views.list_)
 app.command()(views.show)
 app.command("stats")(views.stats_)
 app.command()(doctor.doctor)
+app.command()(prune.prune)
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(exports.topology_app, name="topology")
 app.add_typer(exports.docs_app, name="docs")

@@ -58,9 +58,14 @@ def _named(items: list[Any]) -> bool:
     return bool(items) and all(isinstance(i, dict) and "name" in i for i in items)
 
 
+def _pod(doc: Doc) -> Doc:
+    spec = doc.get("spec", {})
+    return spec.get("jobTemplate", {}).get("spec", spec).get("template", {}).get("spec", {})
+
+
 def _containers(doc: Doc) -> list[Doc]:
-    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
-    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+    pod = _pod(doc)
+    return [*pod.get("initContainers", []), *pod.get("containers", [])]
 
 
 def render(directory: Path) -> list[Doc]:
@@ -178,8 +183,8 @@ def test_services_are_hardened_and_probed(overlay):
         "followups-personalizer",
         "followups-dispatcher",
     }
-    for workload in [*deployments, *ours(docs, "Job")]:
-        pod = workload["spec"]["template"]["spec"]
+    for workload in [*deployments, *ours(docs, "Job"), *ours(docs, "CronJob")]:
+        pod = _pod(workload)
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         assert pod["automountServiceAccountToken"] is False
@@ -249,6 +254,15 @@ def test_kubernetes_sets_only_variables_the_settings_know(overlay):
     assert names
     assert names <= SETTINGS_VARIABLES, names - SETTINGS_VARIABLES
     assert {"DATABASE_URL", "RABBITMQ_URL"} <= names
+
+
+def test_prod_prunes_the_audit_tables_once_a_day():
+    docs = render(K8S / "overlays" / "prod")
+    (cron,) = ours(docs, "CronJob")
+    assert _containers(cron)[0]["command"] == ["followups", "prune", "--older-than", "90d"]
+    assert _containers(cron)[0]["image"].startswith("registry.example.com/followups:")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert len(cron["spec"]["schedule"].split()) == 5
 
 
 def test_secret_template_holds_placeholders_only():
