@@ -19,6 +19,7 @@ from datetime import timedelta
 
 import asyncpg
 
+from shared.db import CONNECTION_ERRORS
 from shared.health import Heartbeat
 from shared.locks import REPAIR_SWEEP
 from shared.logging import get_logger
@@ -79,10 +80,11 @@ class Sweeper:
                 try:
                     await self.pass_once()
                 except Exception as exc:
+                    # An outage is said in a line; anything else is a bug, with its traceback.
                     log.error(
                         "repair sweep pass failed; trying again after a pause",
                         error=exc.__class__.__name__,
-                        exc_info=True,
+                        exc_info=not isinstance(exc, CONNECTION_ERRORS),
                     )
                     await self._release()
                 else:
