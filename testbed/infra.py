@@ -3,6 +3,8 @@ afterwards."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -16,11 +18,32 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_ROOT = "amqp://guest:guest@127.0.0.1:5672/"
 
 
+# A CLI call that hangs holds one of the few distribution ports the RabbitMQ CLI may use; enough
+# of them and every later call fails with "nodistribution". So a call gets this long, then its
+# whole process group (su, sh, the Erlang VM) is killed.
+RABBITMQCTL_TIMEOUT_SECONDS = 180
+
+
 def rabbitmqctl(*args: str) -> None:
-    result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True)
-    if result.returncode != 0:
+    with subprocess.Popen(
+        ["rabbitmqctl", "-q", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            _, stderr = process.communicate(timeout=RABBITMQCTL_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise RuntimeError(
+                f"rabbitmqctl {' '.join(args)} did not answer in "
+                f"{RABBITMQCTL_TIMEOUT_SECONDS} s; is RabbitMQ overloaded?"
+            ) from None
+    if process.returncode != 0:
         raise RuntimeError(
-            f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}; "
+            f"rabbitmqctl {' '.join(args)} failed: {stderr.strip()}; "
             "is RabbitMQ running? (scripts/ensure-services.sh starts it)"
         )
 

@@ -28,3 +28,24 @@ async def test_followups_due_at_once_are_sent_and_prepared_without_the_sweep(
     assert all(r["prepared_version"] == r["version"] for r in prepared)
     plain = [r for r in rows if r["idempotency_key"].startswith("key:now-")]
     assert {(r["text_source"], r["text_fallback_reason"]) for r in plain} == {("template", None)}
+
+
+async def test_far_ahead_one_lead_timer_asks_for_the_text_then_arms_the_send(
+    pool, bus, receiver, start_services
+):
+    """With a one-second lead, a send 80 s ahead takes one timer of kind `lead` to the
+    dispatcher (cheaper than two long timers), which then asks the personalizer for the text and
+    arms the short send timer."""
+    contractor = await add_contractor(pool)
+    start_services(SWEEP_INTERVAL_SECONDS="600", PERSONALIZE_LEAD_SECONDS="1")
+    for i in range(5):
+        await request_followup(
+            bus, contractor, soon(80 + i), idempotency_key=f"far-{i}", ai_should_personalize=True
+        )
+    rows = await wait_for_final(pool, 5, timeout=120)
+    assert [r["status"] for r in rows] == ["sent"] * 5
+    assert {r["text_fallback_reason"] for r in rows} == {"ai_disabled"}
+    assert all(r["prepared_version"] == r["version"] for r in rows)
+    for row in rows:
+        [call] = receiver.calls_for(row["id"])
+        assert call.received_at >= row["scheduled_time"].timestamp()
