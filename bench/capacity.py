@@ -48,6 +48,9 @@ def held_rate(steps: list[Step], threshold_ms: float) -> int | None:
 
 def verdict(steps: list[Step], rates: tuple[int, ...], threshold_ms: float) -> str:
     best = held_rate(steps, threshold_ms)
+    missed = next((step for step in steps if not step.held(threshold_ms)), None)
+    if missed is not None and missed.expected == 0:
+        return f"the {missed.rate}/s step failed (see its row); held up to {best or 0}/s before it"
     if best is None:
         return f"p99 over {threshold_ms:g} ms already at {rates[0]}/s"
     if len(steps) == len(rates) and steps[-1].held(threshold_ms):

@@ -47,3 +47,13 @@ def test_holding_every_step_says_it_was_not_saturated():
 def test_a_step_has_rate_times_seconds_follow_ups():
     assert step_count(800, 20) == 16_000
     assert step_count(1, 0.1) == 1
+
+
+def test_a_step_that_failed_to_run_is_not_reported_as_a_slow_one():
+    failed = Step(100, 0, 0, 0, None)
+    steps = [step(50, 3.0), failed]
+    assert held_rate(steps, 50) == 50
+    assert (
+        verdict(steps, RATES, 50)
+        == "the 100/s step failed (see its row); held up to 50/s before it"
+    )
