@@ -89,3 +89,14 @@ CLOCK_ERROR = Gauge(
     "followups_clock_error_seconds",
     "How far the true clock offset may lie from the measured one (half its round trip)",
 )
+DELIVERY_REPORTS = Counter(
+    "followups_delivery_reports_total",
+    "Delivery reports by status and outcome (recorded; not_sent: recorded on an occurrence that "
+    "is not sent; stale: an equal or later report was already stored; duplicate)",
+    ["status", "outcome"],
+)
+SEND_RATE = Gauge(
+    "followups_send_rate_limit_per_minute",
+    "The adaptive send rate: webhook calls allowed in any minute across the fleet, as this "
+    "process last counted or changed it",
+)

@@ -32,6 +32,8 @@ MAX_JSON_DEPTH = 32
 # Far enough to catch a unit mix-up (seconds read as milliseconds), near enough for any real plan.
 MAX_PAST = timedelta(days=365)
 MAX_FUTURE = timedelta(days=3650)
+# A provider's clock may run a little ahead of ours; a report from further ahead is a bad time.
+REPORT_CLOCK_SLACK = timedelta(minutes=5)
 
 PositiveId = Annotated[int, Field(gt=0, le=2**63 - 1, strict=True)]  # a PostgreSQL bigint
 E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$"), AfterValidator(check_e164)]
@@ -136,11 +138,38 @@ class ResponseReceived(_Inbound):
         return self
 
 
+class DeliveryStatus(StrEnum):
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"
+
+
+class DeliveryReported(_Inbound):
+    """The gateway's word on one occurrence, from the SMS provider's status callback."""
+
+    # The webhook call's Idempotency-Key: the occurrence's send key.
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    status: DeliveryStatus
+    error_code: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    provider: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    reported_at: Timestamp
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        now = datetime.now(UTC)
+        if self.reported_at < now - MAX_PAST:
+            raise ValueError("reported_at is more than a year in the past")
+        if self.reported_at > now + REPORT_CLOCK_SLACK:
+            raise ValueError("reported_at is in the future")
+        return self
+
+
 INBOUND: dict[str, type[_Inbound]] = {
     "followup.requested": FollowupRequested,
     "followup.cancel_requested": CancelRequested,
     "followup.reschedule_requested": RescheduleRequested,
     "followup.response_received": ResponseReceived,
+    "followup.delivery_reported": DeliveryReported,
 }
 
 
@@ -236,6 +265,8 @@ class LifecycleEvent(BaseModel):
         "followup.cancelled",
         "followup.failed",
         "followup.response_recorded",
+        "followup.delivery_recorded",
+        "followup.send_rate_changed",
     ]
     followup_id: int
     contractor_id: int
@@ -248,6 +279,12 @@ class LifecycleEvent(BaseModel):
     lateness_ms: float | None = None
     next_occurrence_id: int | None = None
     requested_by: str | None = None
+    delivery_status: DeliveryStatus | None = None
+    error_code: str | None = None
+    # followup.send_rate_changed: the new rate, the one before it and why
+    limit_per_minute: int | None = None
+    previous_limit_per_minute: int | None = None
+    cause: str | None = None
 
 
 class TimerKind(StrEnum):

@@ -8,10 +8,28 @@ from enum import StrEnum
 from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.send_rate import (
+    DEFAULT_MIN_PER_MINUTE,
+    DEFAULT_RECOVERY_DELIVERIES,
+    DEFAULT_THROTTLE_CODES,
+    DEFAULT_UNDELIVERABLE_CODES,
+    RatePolicy,
+)
+
 _QUIET_HOURS = re.compile(r"^(?P<start>\d{2}:\d{2})-(?P<end>\d{2}:\d{2})$")
+_PROVIDER_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+def provider_codes(text: str) -> frozenset[str]:
+    """A comma-separated list of provider error codes, such as `30001,30007`; may be empty."""
+    codes = frozenset(code.strip() for code in text.split(",") if code.strip())
+    bad = sorted(code for code in codes if not _PROVIDER_CODE.match(code))
+    if bad:
+        raise ValueError(f"not provider error codes: {', '.join(bad)}")
+    return codes
 
 
 class DelayBackend(StrEnum):
@@ -70,7 +88,15 @@ class Settings(BaseSettings):
     webhook_allow_insecure: bool = False
     webhook_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10
 
+    # The ceiling of the adaptive send rate (shared.send_rate), which throttling signals halve.
     sms_rate_limit_per_minute: Annotated[int, Field(ge=1)] = 10
+    sms_rate_min_per_minute: Annotated[int, Field(ge=1)] = DEFAULT_MIN_PER_MINUTE
+    sms_rate_throttle_codes: str = ",".join(DEFAULT_THROTTLE_CODES)
+    sms_rate_recovery_deliveries: Annotated[int, Field(ge=1, le=100_000)] = (
+        DEFAULT_RECOVERY_DELIVERIES
+    )
+    # A delivery report with one of these codes stops sends to the contractor's phone.
+    sms_undeliverable_codes: str = ",".join(DEFAULT_UNDELIVERABLE_CODES)
     dispatch_concurrency: Annotated[int, Field(ge=1, le=1000)] = 5
     dispatch_max_attempts: Annotated[int, Field(ge=1, le=50)] = 3
     # The send timer fires this much early; the dispatcher claims and prepares the send, then
@@ -98,6 +124,21 @@ class Settings(BaseSettings):
         QuietHours.parse(value)
         return value
 
+    @field_validator("sms_rate_throttle_codes", "sms_undeliverable_codes")
+    @classmethod
+    def _check_codes(cls, value: str) -> str:
+        provider_codes(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_rate_floor(self) -> Settings:
+        if self.sms_rate_min_per_minute > self.sms_rate_limit_per_minute:
+            raise ValueError(
+                f"SMS_RATE_MIN_PER_MINUTE ({self.sms_rate_min_per_minute}) is above "
+                f"SMS_RATE_LIMIT_PER_MINUTE ({self.sms_rate_limit_per_minute})"
+            )
+        return self
+
     @field_validator("default_timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
@@ -114,6 +155,22 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"LOG_LEVEL {value!r} is not one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+    @property
+    def rate_policy(self) -> RatePolicy:
+        return RatePolicy(
+            ceiling=self.sms_rate_limit_per_minute,
+            floor=self.sms_rate_min_per_minute,
+            recovery_deliveries=self.sms_rate_recovery_deliveries,
+        )
+
+    @property
+    def throttle_codes(self) -> frozenset[str]:
+        return provider_codes(self.sms_rate_throttle_codes)
+
+    @property
+    def undeliverable_codes(self) -> frozenset[str]:
+        return provider_codes(self.sms_undeliverable_codes)
 
     @property
     def quiet_window(self) -> QuietHours | None:

@@ -25,7 +25,8 @@ _COLUMNS = """
     prepared_version, prepared_at, text_source, text_fallback_reason, ai_model, prompt_variant,
     attempts, next_attempt_at, last_error, claimed_at, lease_until, webhook_started_at,
     lateness_ms, deferred_until, deferred_reason, calling_since, occurrence, claim_id,
-    cancel_requested_at, cancel_reason, reschedule_to, waiting_since
+    cancel_requested_at, cancel_reason, reschedule_to, waiting_since, delivery_status,
+    delivery_error_code, delivery_reported_at
 """
 
 
@@ -82,6 +83,10 @@ class Followup:
     cancel_reason: str | None
     reschedule_to: datetime | None  # likewise a reschedule
     waiting_since: datetime | None  # waiting for a place in the global send window
+    # the SMS provider's latest report on the occurrence (followup.delivery_reported)
+    delivery_status: str | None = None
+    delivery_error_code: str | None = None
+    delivery_reported_at: datetime | None = None
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Followup:
@@ -358,7 +363,11 @@ class FollowupStore:
                 f"""WITH flags AS (
                         SELECT (SELECT sms_opt_out FROM contractors WHERE id = $1) AS opted_out,
                                (SELECT coalesce(reason, 'cancel_requested') FROM cancelled_keys
-                                WHERE idempotency_key = $13) AS cancelled),
+                                WHERE idempotency_key = $13) AS cancelled,
+                               -- a permanent delivery failure for the phone it still has
+                               (SELECT regexp_replace(undeliverable_phone, '[^0-9]', '', 'g')
+                                       = regexp_replace(phone, '[^0-9]', '', 'g')
+                                FROM contractors WHERE id = $1) AS undeliverable),
                     inserted AS (
                         INSERT INTO contractor_followup_schedules (
                             contractor_id, action_item_id, event_id, scheduled_time,
@@ -368,8 +377,11 @@ class FollowupStore:
                             requested_by, status, status_reason)
                         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                                CASE WHEN cancelled IS NOT NULL THEN 'cancelled'
-                                    WHEN opted_out THEN 'skipped' ELSE 'scheduled' END,
-                               coalesce(cancelled, CASE WHEN opted_out THEN 'opted_out' END)
+                                    WHEN opted_out OR undeliverable THEN 'skipped'
+                                    ELSE 'scheduled' END,
+                               coalesce(cancelled, CASE WHEN opted_out THEN 'opted_out'
+                                                        WHEN undeliverable THEN 'undeliverable'
+                                                   END)
                         FROM flags
                         ON CONFLICT (idempotency_key) DO NOTHING
                         RETURNING {_COLUMNS}),

@@ -2,6 +2,7 @@
 
 exchange "followups" (topic, public)
   followup.requested | cancel_requested | reschedule_requested | response_received
+  | delivery_reported
     └──▶ queue followups.scheduler.inbox ──(reject)──▶ followups.scheduler.inbox.dlq
 timers (see shared.timers) deliver to
     followups.personalizer.due ──▶ followups.personalizer.due.dlq
@@ -68,6 +69,7 @@ SCHEDULER_INBOX = WorkQueue(
         "followup.cancel_requested",
         "followup.reschedule_requested",
         "followup.response_received",
+        "followup.delivery_reported",
     ),
 )
 PERSONALIZER_DUE = WorkQueue("followups.personalizer.due", is_timer_destination=True)

@@ -33,6 +33,10 @@ _COMMANDS = {
     "followup.response_received": (
         "A contractor's reply; an opt-out word cancels their pending follow-ups."
     ),
+    "followup.delivery_reported": (
+        "The SMS provider's report on one occurrence (by its send key); feeds the adaptive send"
+        " rate."
+    ),
 }
 _EVENTS = {
     "followup.scheduled": "A request was recorded and its timers armed.",
@@ -41,6 +45,13 @@ _EVENTS = {
     "followup.cancelled": "Cancelled before it was sent.",
     "followup.failed": "Not sent after every attempt, or a permanent error (`reason`).",
     "followup.response_recorded": "A reply was recorded on the follow-up.",
+    "followup.delivery_recorded": (
+        "A delivery report was recorded (`delivery_status`, `error_code`)."
+    ),
+    "followup.send_rate_changed": (
+        "The adaptive send rate changed (`limit_per_minute`, `cause`); the follow-up is the one"
+        " whose report or 429 changed it."
+    ),
 }
 
 

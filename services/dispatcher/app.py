@@ -70,6 +70,8 @@ def create_app(settings: Settings) -> FastStream:
             default_zone=settings.default_zone,
             margin=timedelta(milliseconds=settings.dispatch_margin_ms),
             calls_in_flight=asyncio.Semaphore(settings.dispatch_concurrency),
+            rate_floor=settings.sms_rate_min_per_minute,
+            recovery_deliveries=settings.sms_rate_recovery_deliveries,
         )
         return partial(handle, deps=deps)
 

@@ -24,12 +24,14 @@ from shared.metrics import (
     RATE_LIMIT_WAITS,
     RETRIES,
     SEND_LATENESS,
+    SEND_RATE,
     SENDS,
     TIMER_LATENESS,
 )
 from shared.phones import InvalidPhone, to_e164
 from shared.pipeline import arm_after_lead, arm_dispatch, arm_followup, series_plan
 from shared.schemas import Status, TimerKind, TimerMessage, parse_timer
+from shared.send_rate import DEFAULT_MIN_PER_MINUTE, DEFAULT_RECOVERY_DELIVERIES, RatePolicy
 from shared.settings import QuietHours
 from shared.store import Context, Followup, NextOccurrence
 from shared.templates import TemplateContext, TemplateError, render
@@ -60,6 +62,13 @@ class DispatcherDeps:
     default_zone: ZoneInfo
     margin: timedelta
     calls_in_flight: asyncio.Semaphore
+    # the adaptive send rate: rate_limit_per_minute is its ceiling
+    rate_floor: int = DEFAULT_MIN_PER_MINUTE
+    recovery_deliveries: int = DEFAULT_RECOVERY_DELIVERIES
+
+    @property
+    def rate_policy(self) -> RatePolicy:
+        return RatePolicy(self.rate_limit_per_minute, self.rate_floor, self.recovery_deliveries)
 
 
 def backoff(attempt: int, retry_after: float | None) -> timedelta:
@@ -135,6 +144,10 @@ async def _dispatch(
         return
     if context.contractor.get("sms_opt_out"):
         await _end(row, incoming, deps, Status.SKIPPED, "opted_out", plan=None)
+        return
+    if context.contractor.get("undeliverable"):
+        # Until the contractor's phone changes; a series goes on, to send once it has.
+        await _end(row, incoming, deps, Status.SKIPPED, "undeliverable", plan=plan)
         return
     if row.skip_if_completed and (context.action_item or {}).get("status") == "completed":
         await _end(row, incoming, deps, Status.SKIPPED, "action_item_completed", plan=plan)
@@ -228,6 +241,8 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> None:
     slot = await deps.repository.start_call(
         row, limit_per_minute=deps.rate_limit_per_minute, lease=deps.lease
     )
+    if slot.limit_per_minute is not None:
+        SEND_RATE.set(slot.limit_per_minute)
     if slot.lost:
         MESSAGES.labels("dispatcher", "cancelled_before_call").inc()
         bound.info("cancelled or moved while being claimed; not sent")
@@ -338,8 +353,27 @@ async def _settle_unsent(
     )
     if result is not None and result.outcome is Outcome.RETRY and result.http_status == 429:
         pause = timedelta(seconds=result.retry_after or BACKOFF_BASE_SECONDS)
-        await deps.repository.pause_gateway(deps.clock() + pause, "http_429")
+        change = await deps.repository.pause_gateway(
+            deps.clock() + pause, "http_429", policy=deps.rate_policy, followup_id=row.id
+        )
         bound.warning("gateway asked the fleet to slow down", pause_seconds=pause.seconds)
+        if change is not None:
+            SEND_RATE.set(change.limit_per_minute)
+            bound.warning(
+                "send rate changed",
+                limit_per_minute=change.limit_per_minute,
+                previous_limit_per_minute=change.previous_limit,
+                cause=change.cause,
+            )
+            await announce(
+                deps.publisher,
+                "followup.send_rate_changed",
+                row,
+                deps.clock,
+                limit_per_minute=change.limit_per_minute,
+                previous_limit_per_minute=change.previous_limit,
+                cause=change.cause,
+            )
     then: Retry | GiveUp
     if result is None:
         then = GiveUp("taken_over", send.plan)

@@ -20,6 +20,8 @@ import asyncpg
 from services.dispatcher import send_window
 from services.dispatcher.send_window import CallSlot
 from shared.schemas import Status
+from shared.send_rate import RatePolicy, Signal
+from shared.send_rate_store import RateChange, apply_signal, lock_send_rate
 from shared.store import (
     ACTION_ITEM_COLUMNS,
     CONTRACTOR_COLUMNS,
@@ -41,6 +43,11 @@ _CONTEXT_COLUMNS = ", ".join(
     [f"c.{n} AS c_{n}" for n in CONTRACTOR_COLUMNS]
     + [f"a.{n} AS a_{n}" for n in ACTION_ITEM_COLUMNS]
     + [f"e.{n} AS e_{n}" for n in EVENT_COLUMNS]
+    # a permanent delivery failure for the phone the contractor still has
+    + [
+        "regexp_replace(c.undeliverable_phone, '[^0-9]', '', 'g')"
+        " = regexp_replace(c.phone, '[^0-9]', '', 'g') AS c_undeliverable"
+    ]
 )
 
 _CLAIM = f"""
@@ -211,15 +218,25 @@ class DispatchRepository:
             self._pool, row.id, row.claim_id, limit_per_minute=limit_per_minute, lease=lease
         )
 
-    async def pause_gateway(self, until: datetime, reason: str) -> None:
-        await self._pool.execute(
-            """INSERT INTO gateway_pause (id, paused_until, reason) VALUES (1, $1, $2)
-               ON CONFLICT (id) DO UPDATE
-               SET paused_until = greatest(gateway_pause.paused_until, excluded.paused_until),
-                   reason = excluded.reason""",
-            until,
-            reason,
-        )
+    async def pause_gateway(
+        self, until: datetime, reason: str, *, policy: RatePolicy, followup_id: int
+    ) -> RateChange | None:
+        """Pause every replica's calls until `until`, and give the adaptive rate a throttling
+        signal, in one transaction under the send window's lock; the rate's change, if any."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            await lock_send_rate(connection)
+            await connection.execute(
+                """INSERT INTO gateway_pause (id, paused_until, reason) VALUES (1, $1, $2)
+                   ON CONFLICT (id) DO UPDATE
+                   SET paused_until = greatest(gateway_pause.paused_until,
+                                               excluded.paused_until),
+                       reason = excluded.reason""",
+                until,
+                reason,
+            )
+            return await apply_signal(
+                connection, policy, Signal.THROTTLED, cause=reason, followup_id=followup_id
+            )
 
     async def release_for_retry(
         self,

@@ -1,10 +1,12 @@
 """The global send window: at most `limit` webhook calls in any `WINDOW`, across every dispatcher
-replica, kept in PostgreSQL (`webhook_calls`) and taken in one round trip.
+replica, kept in PostgreSQL (`webhook_calls`) and taken in one round trip. `limit` is the adaptive
+send rate (`send_rate`, see shared.send_rate), never above the configured ceiling.
 
 `followups_start_call` does, under one transaction-scoped advisory lock (`shared.locks.SEND_WINDOW`,
 two-key form, so it can never collide with a lock of another use):
 
-1. locks the row and checks it is still this claimant's (`claim_id`), still `sending` and not
+1. reads the current rate (`send_rate`, written under the same lock; no row: the ceiling), then
+   locks the row and checks it is still this claimant's (`claim_id`), still `sending` and not
    yet calling; if not (cancelled, moved, taken over) it answers `lost` and nothing may be sent.
    A cancel that commits after this waits for the row and finds the call under way;
 2. honours the fleet-wide pause a 429 set (`gateway_pause`): answers when it ends;
@@ -40,7 +42,7 @@ FUNCTION_SQL = """\
 CREATE OR REPLACE FUNCTION followups_start_call(
     p_followup_id bigint, p_claim_id uuid, p_limit integer, p_window interval, p_lease interval,
     p_slack interval, p_lock_namespace integer, p_lock_key integer
-) RETURNS TABLE (call_id bigint, frees_at timestamptz, lost boolean)
+) RETURNS TABLE (call_id bigint, frees_at timestamptz, lost boolean, current_limit integer)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz;
@@ -51,15 +53,19 @@ DECLARE
     v_ahead integer;
     v_due_ahead integer;
     v_turn integer;
+    v_limit integer;
 BEGIN
     PERFORM pg_advisory_xact_lock(p_lock_namespace, p_lock_key);
     v_now := clock_timestamp();
+    -- the adaptive rate, never above the configured ceiling p_limit
+    SELECT least(p_limit, r.limit_per_minute) INTO v_limit FROM send_rate AS r WHERE r.id = 1;
+    v_limit := coalesce(v_limit, p_limit);
     SELECT * INTO v_row FROM contractor_followup_schedules AS f
     WHERE f.id = p_followup_id AND f.status = 'sending' AND f.claim_id = p_claim_id
       AND f.calling_since IS NULL
     FOR UPDATE;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT NULL::bigint, NULL::timestamptz, true;
+        RETURN QUERY SELECT NULL::bigint, NULL::timestamptz, true, v_limit;
         RETURN;
     END IF;
     SELECT g.paused_until INTO v_until FROM gateway_pause AS g WHERE g.paused_until > v_now;
@@ -67,8 +73,8 @@ BEGIN
         -- the window's calls that still hold a place, oldest first
         SELECT coalesce(array_agg(last.called_at ORDER BY last.called_at), '{}') INTO v_recent
         FROM (SELECT w.called_at FROM webhook_calls AS w WHERE w.called_at > v_now - p_window
-              ORDER BY w.called_at DESC LIMIT p_limit) AS last;
-        v_free := p_limit - cardinality(v_recent);
+              ORDER BY w.called_at DESC LIMIT v_limit) AS last;
+        v_free := v_limit - cardinality(v_recent);
         SELECT count(*),
                count(*) FILTER (WHERE f.next_attempt_at BETWEEN v_now - p_slack AND v_now + p_slack)
         INTO v_ahead, v_due_ahead
@@ -87,22 +93,22 @@ BEGIN
             RETURN QUERY
                 INSERT INTO webhook_calls (followup_id, send_key, attempt, called_at)
                 VALUES (p_followup_id, v_row.send_key, v_row.attempts, v_now)
-                RETURNING webhook_calls.id, NULL::timestamptz, false;
+                RETURNING webhook_calls.id, NULL::timestamptz, false, v_limit;
             RETURN;
         END IF;
         -- the v_ahead-th place to come (0 is the next): places repeat every window
-        v_turn := v_ahead % p_limit;
+        v_turn := v_ahead % v_limit;
         IF v_turn < v_free THEN
             v_until := v_now;
         ELSE
             v_until := v_recent[v_turn - v_free + 1] + p_window;
         END IF;
-        v_until := v_until + p_window * (v_ahead / p_limit);
+        v_until := v_until + p_window * (v_ahead / v_limit);
     END IF;
     UPDATE contractor_followup_schedules AS f
     SET waiting_since = coalesce(f.waiting_since, v_now), next_attempt_at = v_until
     WHERE f.id = p_followup_id;
-    RETURN QUERY SELECT NULL::bigint, v_until, false;
+    RETURN QUERY SELECT NULL::bigint, v_until, false, v_limit;
 END;
 $$;
 """
@@ -116,6 +122,7 @@ class CallSlot:
     call_id: int | None
     frees_at: datetime | None
     lost: bool = False
+    limit_per_minute: int | None = None  # the rate the window was counted at
 
 
 async def start_call(
@@ -127,7 +134,8 @@ async def start_call(
     lease: timedelta,
 ) -> CallSlot:
     record = await pool.fetchrow(
-        "SELECT call_id, frees_at, lost FROM followups_start_call($1, $2, $3, $4, $5, $6, $7, $8)",
+        "SELECT call_id, frees_at, lost, current_limit"
+        " FROM followups_start_call($1, $2, $3, $4, $5, $6, $7, $8)",
         followup_id,
         claim_id,
         limit_per_minute,
@@ -137,4 +145,9 @@ async def start_call(
         SEND_WINDOW.namespace,
         SEND_WINDOW.key,
     )
-    return CallSlot(call_id=record["call_id"], frees_at=record["frees_at"], lost=record["lost"])
+    return CallSlot(
+        call_id=record["call_id"],
+        frees_at=record["frees_at"],
+        lost=record["lost"],
+        limit_per_minute=record["current_limit"],
+    )

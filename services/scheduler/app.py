@@ -9,6 +9,7 @@ from faststream import FastStream
 
 from services.scheduler.handlers import SchedulerDeps, handle
 from shared.consumer import Handler
+from shared.deliveries import CarrierCodes, DeliveryStore
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 from shared.topology import SCHEDULER_INBOX
@@ -22,6 +23,14 @@ def _handler(runtime: Runtime) -> Handler:
         personalize_lead=timedelta(seconds=runtime.settings.personalize_lead_seconds),
         dispatch_margin=timedelta(milliseconds=runtime.settings.dispatch_margin_ms),
         clock=runtime.clock,
+        deliveries=DeliveryStore(
+            runtime.pool,
+            runtime.settings.rate_policy,
+            CarrierCodes(
+                throttle=runtime.settings.throttle_codes,
+                undeliverable=runtime.settings.undeliverable_codes,
+            ),
+        ),
     )
     return partial(handle, deps=deps)
 

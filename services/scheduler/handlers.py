@@ -11,13 +11,16 @@ import asyncpg
 
 from shared.bus import Publisher
 from shared.consumer import Incoming
+from shared.deliveries import DeliveryStore, ReportOutcome
 from shared.errors import Rejected
 from shared.events import announce
 from shared.logging import get_logger
+from shared.metrics import DELIVERY_REPORTS, SEND_RATE
 from shared.phones import match_digits
 from shared.pipeline import arm_followup
 from shared.schemas import (
     CancelRequested,
+    DeliveryReported,
     FollowupRequested,
     RescheduleRequested,
     ResponseReceived,
@@ -39,6 +42,7 @@ class SchedulerDeps:
     personalize_lead: timedelta
     dispatch_margin: timedelta
     clock: Clock
+    deliveries: DeliveryStore
 
 
 def idempotency_key(request: FollowupRequested, incoming: Incoming) -> str:
@@ -82,8 +86,10 @@ async def schedule(request: FollowupRequested, incoming: Incoming, deps: Schedul
     if row.status is Status.SCHEDULED:
         await arm_timers(row, deps)
     if row.status is Status.SKIPPED:
-        bound.info("contractor opted out; follow-up skipped")
-        await announce(deps.publisher, "followup.skipped", row, deps.clock, reason="opted_out")
+        bound.info("follow-up skipped", reason=row.status_reason)
+        await announce(
+            deps.publisher, "followup.skipped", row, deps.clock, reason=row.status_reason
+        )
         return
     if row.status is Status.CANCELLED:
         bound.info("its cancel came first; recorded as cancelled")
@@ -199,6 +205,67 @@ async def record_response(command: ResponseReceived, deps: SchedulerDeps) -> Non
     await announce(deps.publisher, "followup.response_recorded", outcome.recorded_on, deps.clock)
 
 
+async def record_delivery(report: DeliveryReported, deps: SchedulerDeps) -> None:
+    recorded = await deps.deliveries.record(report)
+    row = recorded.row
+    if row is None or recorded.outcome is None:
+        raise Rejected("unknown_reference", "no follow-up occurrence has that idempotency_key")
+    DELIVERY_REPORTS.labels(report.status.value, recorded.outcome.value).inc()
+    bound = log.bind(
+        followup_id=row.id,
+        contractor_id=row.contractor_id,
+        delivery_status=report.status.value,
+        error_code=report.error_code,
+    )
+    if recorded.outcome in (ReportOutcome.STALE, ReportOutcome.DUPLICATE):
+        bound.info(
+            "delivery report older than the one recorded; kept out", outcome=recorded.outcome
+        )
+        return
+    if recorded.outcome is ReportOutcome.NOT_SENT:
+        bound.warning(
+            "delivery report for an occurrence that is not sent; recorded", status=row.status
+        )
+    else:
+        bound.info("delivery report recorded")
+    await announce(
+        deps.publisher,
+        "followup.delivery_recorded",
+        row,
+        deps.clock,
+        delivery_status=report.status,
+        error_code=report.error_code,
+    )
+    if recorded.undeliverable:
+        bound.warning(
+            "contractor's phone can't take an SMS; their pending follow-ups are skipped until it"
+            " changes",
+            skipped=len(recorded.skipped),
+        )
+    for skipped in recorded.skipped:
+        await announce(
+            deps.publisher, "followup.skipped", skipped, deps.clock, reason="undeliverable"
+        )
+    change = recorded.rate_change
+    if change is not None:
+        SEND_RATE.set(change.limit_per_minute)
+        bound.warning(
+            "send rate changed",
+            limit_per_minute=change.limit_per_minute,
+            previous_limit_per_minute=change.previous_limit,
+            cause=change.cause,
+        )
+        await announce(
+            deps.publisher,
+            "followup.send_rate_changed",
+            row,
+            deps.clock,
+            limit_per_minute=change.limit_per_minute,
+            previous_limit_per_minute=change.previous_limit,
+            cause=change.cause,
+        )
+
+
 async def handle(incoming: Incoming, deps: SchedulerDeps) -> None:
     command = parse_inbound(incoming.routing_key, incoming.body, incoming.content_type)
     if isinstance(command, FollowupRequested):
@@ -209,3 +276,5 @@ async def handle(incoming: Incoming, deps: SchedulerDeps) -> None:
         await reschedule(command, deps)
     elif isinstance(command, ResponseReceived):
         await record_response(command, deps)
+    elif isinstance(command, DeliveryReported):
+        await record_delivery(command, deps)

@@ -10,7 +10,9 @@ import pytest
 
 from services.scheduler.handlers import SchedulerDeps, handle
 from shared.consumer import Incoming
+from shared.deliveries import CarrierCodes, DeliveryStore
 from shared.errors import Rejected
+from shared.send_rate import RatePolicy
 from shared.timers import utcnow
 from tests.support.data import add_action_item, add_contractor
 
@@ -23,6 +25,9 @@ def _deps(store, levels_timer, publisher) -> SchedulerDeps:
         personalize_lead=timedelta(seconds=60),
         dispatch_margin=timedelta(milliseconds=250),
         clock=utcnow,
+        deliveries=DeliveryStore(
+            store._pool, RatePolicy(10), CarrierCodes(frozenset(), frozenset())
+        ),
     )
 
 

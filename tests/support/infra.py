@@ -11,6 +11,8 @@ TABLES = (
     "events",
     "contractor_action_items",
     "contractors",
+    "send_rate",
+    "send_rate_changes",
 )
 
 

@@ -8,8 +8,10 @@ import pytest
 
 from services.scheduler.handlers import SchedulerDeps, handle, idempotency_key, opt_change
 from shared.consumer import Incoming
+from shared.deliveries import CarrierCodes, DeliveryStore
 from shared.errors import Rejected
 from shared.schemas import FollowupRequested, Status
+from shared.send_rate import RatePolicy
 from shared.store import Followup, FollowupStore, Reference, ResponseOutcome
 from shared.timers import LevelsTimer
 
@@ -77,6 +79,7 @@ def deps():
         personalize_lead=timedelta(seconds=60),
         dispatch_margin=timedelta(milliseconds=250),
         clock=lambda: NOW,
+        deliveries=DeliveryStore(None, RatePolicy(10), CarrierCodes(frozenset(), frozenset())),
     )
 
 
