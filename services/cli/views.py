@@ -19,6 +19,7 @@ from services.cli.common import (
     with_pool,
 )
 from shared.queries import PENDING, Filter, Stats, find_followups, history, stats
+from shared.send_rate_store import RateReport, rate_report
 from shared.store import Reference
 
 _STATUSES = ("scheduled", "sending", "sent", "cancelled", "skipped", "failed")
@@ -113,6 +114,9 @@ _ROW_FIELDS = (
     "series_id",
     "next_occurrence_id",
     "response_received_at",
+    "delivery_status",
+    "delivery_error_code",
+    "delivery_reported_at",
     "created_at",
     "updated_at",
 )
@@ -177,13 +181,32 @@ def show(
         console.print(calls)
 
 
-def _stats_json(result: Stats) -> str:
+def _stats_json(result: Stats, send_rate: RateReport) -> str:
     data = asdict(result)
     data["response_rate"] = result.response_rate
     for group in ("by_prompt_variant", "by_tone"):
         for item, rate in zip(data[group], getattr(result, group), strict=True):
             item["rate"] = rate.rate
+    data["send_rate"] = asdict(send_rate)
     return json.dumps(data, default=str, indent=2)
+
+
+def _print_send_rate(report: RateReport) -> None:
+    console.print(f"send rate: [bold]{report.current}[/bold] per minute (ceiling {report.ceiling})")
+    if not report.changes:
+        return
+    table = Table(
+        "at", "limit", "from", "cause", "follow-up", title="last changes", title_justify="left"
+    )
+    for change in report.changes:
+        table.add_row(
+            iso(change.at),
+            str(change.limit_per_minute),
+            str(change.previous_limit),
+            change.cause,
+            "" if change.followup_id is None else str(change.followup_id),
+        )
+    console.print(table)
 
 
 def stats_(
@@ -192,14 +215,20 @@ def stats_(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Counts by status and type, response rates, time to response and send lateness.
+    """Counts by status and type, response rates, time to response, send lateness, and the
+    adaptive send rate with its last changes.
 
     Example: [bold]followups stats --since -7d[/bold]   or   [bold]followups stats --json[/bold]
     """
     start = parse_moment(since, utcnow()) if since else None
-    result = with_pool(load_settings(), lambda pool: stats(pool, start))
+    settings = load_settings()
+
+    async def _read(pool: Any) -> tuple[Stats, RateReport]:
+        return await stats(pool, start), await rate_report(pool, settings.sms_rate_limit_per_minute)
+
+    result, send_rate = with_pool(settings, _read)
     if as_json:
-        console.print_json(_stats_json(result))
+        console.print_json(_stats_json(result, send_rate))
         return
     window = f"due since {iso(start)}" if start else "all time"
     console.print(f"[bold]{result.total}[/bold] follow-ups, {window}")
@@ -227,3 +256,4 @@ def stats_(
         for rate in rates:
             table.add_row(rate.group, str(rate.sent), str(rate.responded), _pct(rate.rate))
         console.print(table)
+    _print_send_rate(send_rate)
