@@ -27,6 +27,14 @@ class Summary:
     lateness_ms: float | None
     attempts: int
     text_source: str | None
+    status_reason: str | None = None
+    # Why a pending follow-up waits: a policy move (quiet hours), a place in the send window, a
+    # retry after a failed call.
+    next_attempt_at: datetime | None = None
+    last_error: str | None = None
+    deferred_until: datetime | None = None
+    deferred_reason: str | None = None
+    waiting_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,8 @@ class Filter:
 
 _SUMMARY = """
     SELECT id, contractor_id, followup_type, status, priority, scheduled_time, sent_at,
-           lateness_ms, attempts, text_source
+           lateness_ms, attempts, text_source, status_reason, next_attempt_at, last_error,
+           deferred_until, deferred_reason, waiting_since
     FROM contractor_followup_schedules
     WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[]))
       AND ($2::bigint IS NULL OR contractor_id = $2)

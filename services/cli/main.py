@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from services.cli import commands, dlq, doctor, exports, prune, runtime, views
+from services.cli import commands, dlq, doctor, exports, prune, runtime, views, watch
 
 app = typer.Typer(
     help="followups: follow-up SMS delivered at their exact scheduled time.",
@@ -23,6 +23,7 @@ app.command()(commands.reschedule)
 app.command("add-contractor")(commands.add_contractor)
 app.command("list")(views.list_)
 app.command()(views.show)
+app.command()(watch.watch)
 app.command("stats")(views.stats_)
 app.command()(doctor.doctor)
 app.command()(prune.prune)

@@ -82,6 +82,19 @@ def run(
     uvloop.run(app.serve(settings.http_host, settings.http_port))
 
 
+def _print_endpoints(host: str, free_ports: bool) -> None:
+    from shared.health import DEFAULT_HTTP_PORTS
+
+    base = f"[{host}]" if ":" in host else host
+    for name in SERVICES:
+        where = (
+            "/healthz /readyz /metrics on a free port (logged as `http endpoints listening`)"
+            if free_ports
+            else f"http://{base}:{DEFAULT_HTTP_PORTS[name]}/healthz  /readyz  /metrics"
+        )
+        console.print(f"{name:<12} {where}", highlight=False, soft_wrap=True)
+
+
 def _run_all() -> int:
     port = os.environ.get("HTTP_PORT", "")
     if port not in ("", "0"):
@@ -90,6 +103,7 @@ def _run_all() -> int:
         subprocess.Popen([sys.executable, "-m", "services.cli.main", "run", name])  # noqa: S603
         for name in SERVICES
     ]
+    _print_endpoints(load_settings().http_host, port == "0")
 
     def _forward(signum: int, _frame: Any) -> None:
         for child in children:

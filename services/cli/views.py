@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from datetime import datetime, timedelta, tzinfo
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from services.cli.common import (
@@ -18,7 +20,8 @@ from services.cli.common import (
     utcnow,
     with_pool,
 )
-from shared.queries import PENDING, Filter, Stats, find_followups, history, stats
+from services.cli.moments import duration, relative, short
+from shared.queries import PENDING, Filter, Stats, Summary, find_followups, history, stats
 from shared.send_rate_store import RateReport, rate_report
 from shared.store import Reference
 
@@ -51,12 +54,17 @@ def list_(
 ) -> None:
     """Follow-ups in a table, by due time; the latest LIMIT that match, soonest first.
 
+    The due time is relative to now ("in 10 s", "2 min ago"); the last column says why a pending
+    one waits (quiet hours, a place in the send window, a retry) or how a final one ended. From
+    100 columns it adds the clock time, priority and text source; from 140, more of the why.
+
     Example: [bold]followups list --status scheduled --due-before 1h --type onboarding[/bold]
     """
     statuses = tuple(status or ())
     unknown = set(statuses) - set(_STATUSES)
     if unknown:
         raise fail(f"unknown status {', '.join(sorted(unknown))}; use {', '.join(_STATUSES)}", 2)
+    settings = load_settings()
     now = utcnow()
     where = Filter(
         statuses=PENDING if overdue else statuses,
@@ -66,26 +74,88 @@ def list_(
         due_before=now if overdue else (parse_moment(due_before, now) if due_before else None),
         limit=limit,
     )
-    rows = with_pool(load_settings(), lambda pool: find_followups(pool, where))
-    table = Table(
-        "id", "contractor", "type", "status", "prio", "due", "sent", "late ms", "tries", "text"
+    rows = with_pool(settings, lambda pool: find_followups(pool, where))
+    console.print(
+        followups_table(list(reversed(rows)), now, settings.dispatch_max_attempts, console.width)
     )
-    for r in reversed(rows):
-        table.add_row(
-            str(r.id),
-            str(r.contractor_id),
-            r.followup_type,
-            r.status,
-            str(r.priority),
-            iso(r.scheduled_time),
-            iso(r.sent_at),
-            _ms(r.lateness_ms),
-            str(r.attempts),
-            r.text_source or "",
-        )
-    console.print(table)
     if len(rows) == limit:
         console.print(f"[dim]showing the latest {limit}; --limit shows more[/dim]")
+
+
+def waiting_note(
+    row: Summary,
+    now: datetime,
+    max_attempts: int,
+    *,
+    detail: bool = False,
+    zone: tzinfo | None = None,
+) -> str:
+    """Why a pending follow-up has not gone yet, or how a final one ended; empty if nothing to say.
+
+    A quiet-hours move sets `deferred_until` to its next attempt, a full send window keeps
+    `waiting_since`, and a failed call leaves `last_error` with the attempts used so far.
+    `detail` adds the window, the zone and the clock time of the next attempt."""
+    if row.status in PENDING:
+        when = row.next_attempt_at
+        goes = ""
+        if when is not None and when > now:
+            goes = (
+                f", goes {short(when, now)} ({relative(when, now)})"
+                if detail
+                else (f", goes {relative(when, now)}")
+            )
+        if row.waiting_since is not None:
+            since = f" for {duration(now - row.waiting_since)}" if detail else ""
+            return f"waiting for a send place{since}{goes}"
+        if when is not None and when == row.deferred_until and row.deferred_reason:
+            reason = row.deferred_reason if detail else row.deferred_reason.split(" ", 1)[0]
+            return f"deferred: {reason.replace('_', ' ', 1)}{goes}"
+        if row.status == "scheduled" and row.last_error and row.attempts > 0:
+            return f"retry {row.attempts + 1}/{max_attempts}{goes}: {row.last_error}"
+        return ""
+    if row.status == "sent" and row.lateness_ms is not None:
+        tries = f", try {row.attempts}" if row.attempts > 1 else ""
+        reason = f"; {row.status_reason}" if row.status_reason else ""
+        return f"{_late(row.lateness_ms)}{tries}{reason}"
+    return row.status_reason or row.last_error or ""
+
+
+def _late(ms: float) -> str:
+    if ms >= 1000:
+        return f"{duration(timedelta(milliseconds=ms))} late"
+    return f"{ms:.1f} ms late" if ms >= 0 else f"{-ms:.1f} ms early"
+
+
+WIDE = 100  # columns from which `list` adds the clock time, priority and text source
+DETAILED = 140  # and from which the note gives the window, the zone and the clock time
+
+
+def followups_table(
+    rows: list[Summary], now: datetime, max_attempts: int, width: int, zone: tzinfo | None = None
+) -> Table:
+    """`followups list` for a terminal `width` columns wide: every column readable at 80; a wider
+    terminal adds columns and detail, the due time stays short (in `zone`, None: the host's).
+    Status and due never wrap or shorten; type and note wrap."""
+    wide = width >= WIDE
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("contractor", justify="right", no_wrap=True)
+    table.add_column("type", overflow="fold", max_width=20 if wide else 12)
+    table.add_column("status", no_wrap=True, min_width=9)
+    table.add_column("due", no_wrap=True, min_width=9)
+    if wide:
+        table.add_column(f"at ({now.astimezone(zone).tzname()})", no_wrap=True)
+        table.add_column("prio", justify="right", no_wrap=True)
+        table.add_column("text", no_wrap=True)
+    table.add_column("note", overflow="fold")
+    for r in rows:
+        cells = [str(r.id), str(r.contractor_id), r.followup_type, r.status]
+        cells.append(relative(r.scheduled_time, now))
+        if wide:
+            cells += [short(r.scheduled_time, now, zone), str(r.priority), r.text_source or ""]
+        cells.append(waiting_note(r, now, max_attempts, detail=width >= DETAILED, zone=zone))
+        table.add_row(*cells)
+    return table
 
 
 _ROW_FIELDS = (

@@ -168,7 +168,8 @@ async def _read_at_most(response: httpx.Response, limit: int) -> None:
 
 
 class ConsoleSink(Gateway):
-    """For `make run` without a webhook: shows what would be sent and says plainly it was not."""
+    """For `make run` without a webhook: shows what would be sent and says plainly it was not:
+    to whom, the text, when it was due, when it went out and how late."""
 
     sent_by = "console-sink"
 
@@ -178,14 +179,21 @@ class ConsoleSink(Gateway):
     async def send(self, request: SmsRequest) -> GatewayResult:
         now = datetime.now(UTC)
         lateness = (now - request.scheduled_time).total_seconds() * 1000
+        late = f"{lateness:,.1f} ms late" if lateness >= 0 else f"{-lateness:,.1f} ms early"
         self._stream.write(
             "\n──── CONSOLE SINK · NOT SENT: N8N_OUTBOUND_WEBHOOK_URL is unset ────\n"
-            f"follow-up {request.followup_id} ({request.followup_type}) to contractor "
-            f"{request.contractor_id} at {mask_phone(request.phone)}\n"
-            f"due {request.scheduled_time.isoformat()} · now {now.isoformat()} "
-            f"· {lateness:+.1f} ms\n"
-            f"{request.message}\n"
+            f"to contractor {request.contractor_id} at {mask_phone(request.phone)} · "
+            f"follow-up {request.followup_id} ({request.followup_type}), "
+            f"attempt {request.attempt}\n"
+            f"due      {_utc(request.scheduled_time)}\n"
+            f"went out {_utc(now)} · {late}\n"
+            f"text     {request.message}\n"
             "────────────────────────────────────────────────────────────────────\n"
         )
         self._stream.flush()
         return GatewayResult(Outcome.SENT, "console_sink")
+
+
+def _utc(moment: datetime) -> str:
+    utc = moment.astimezone(UTC)
+    return f"{utc:%Y-%m-%d %H:%M:%S}.{utc.microsecond // 1000:03d} UTC"

@@ -66,8 +66,13 @@ async def test_schedule_list_cancel_and_show(settings, pool, receiver, start_ser
     row = await row_by_key(pool, "cli-cancel")
 
     listed = await followups(settings, "list", "--contractor", str(contractor), **env)
-    assert f"│ {row['id']} " in listed.output
-    assert "│ 4 " in listed.output
+    cells = next(
+        re.split(r"\s{2,}", line.strip())
+        for line in listed.output.splitlines()
+        if line.strip().startswith(f"{row['id']} ")
+    )
+    assert cells[3:5] == ["scheduled", "in 1 h"]
+    assert "4" in cells[5:]
 
     cancelled = await followups(settings, "cancel", str(row["id"]), "--reason", "called back")
 

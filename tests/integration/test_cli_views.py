@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from datetime import UTC, datetime, timedelta
 
+from typer.testing import CliRunner
+
+from services.cli import common
+from services.cli.main import app
 from tests.integration.test_queries import add_followup
 from tests.support.cli import followups
 from tests.support.data import add_contractor
+
+
+def cells(output: str) -> list[list[str]]:
+    """The table's rows as lists of cells (columns are two or more spaces apart)."""
+    return [re.split(r"\s{2,}", line.strip()) for line in output.splitlines() if line.strip()]
+
+
+def row_of(output: str, followup_id: int) -> list[str]:
+    return next(c for c in cells(output) if c[0] == str(followup_id))
 
 
 async def test_list_filters_and_shows_priority(settings, pool):
@@ -23,13 +38,19 @@ async def test_list_filters_and_shows_priority(settings, pool):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if "payment" in line]
     assert len(lines) == 1
-    assert f"│ {urgent} " in lines[0]
-    assert "│ 9 " in lines[0]
+    assert row_of(result.output, urgent)[:5] == [
+        str(urgent),
+        str(sam),
+        "payment",
+        "scheduled",
+        "in 30 min",
+    ]
+    assert "9" in row_of(result.output, urgent)
     assert "prio" in result.output
 
     typed = await followups(settings, "list", "--type", "payment", "--contractor", str(sam))
     assert str(later) in typed.output
-    assert "sent" not in [cell.strip() for cell in typed.output.split("│")]
+    assert not [c for c in cells(typed.output) if "sent" in c]
 
     bad = await followups(settings, "list", "--status", "lost")
     assert bad.exit_code == 2
@@ -41,8 +62,72 @@ async def test_overdue_lists_pending_rows_past_their_time(settings, pool):
     stuck = await add_followup(pool, sam, now - timedelta(minutes=3))
     await add_followup(pool, sam, now + timedelta(minutes=3), followup_type="future")
     result = await followups(settings, "list", "--overdue")
-    assert f"│ {stuck} " in result.output
+    assert row_of(result.output, stuck)[4] == "3 min ago"
     assert "future" not in result.output
+
+
+async def narrow_list(settings, *args: str) -> str:
+    """`followups list` in an 80-column terminal."""
+    environment = {"DATABASE_URL": settings.database_url, "COLUMNS": "80"}
+
+    def run() -> str:
+        common.console.width = 80
+        result = CliRunner().invoke(app, ["list", *args], env=environment)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    return await asyncio.to_thread(run)
+
+
+async def test_list_at_80_columns_says_why_each_pending_one_waits(settings, pool):
+    now = datetime.now(UTC)
+    sam = await add_contractor(pool)
+    morning = now + timedelta(hours=10)
+    quiet = await add_followup(pool, sam, now - timedelta(minutes=2))
+    await pool.execute(
+        """UPDATE contractor_followup_schedules SET next_attempt_at = $2, deferred_until = $2,
+               deferred_reason = 'quiet_hours 21:00-08:00 in America/New_York' WHERE id = $1""",
+        quiet,
+        morning,
+    )
+    waiting = await add_followup(pool, sam, now - timedelta(minutes=3), priority=3)
+    await pool.execute(
+        """UPDATE contractor_followup_schedules SET next_attempt_at = $2, waiting_since = $3,
+               last_error = 'rate_limited' WHERE id = $1""",
+        waiting,
+        now + timedelta(minutes=20),
+        now - timedelta(minutes=3),
+    )
+    retry = await add_followup(pool, sam, now - timedelta(minutes=4))
+    await pool.execute(
+        """UPDATE contractor_followup_schedules SET next_attempt_at = $2, attempts = 1,
+               last_error = 'http_503' WHERE id = $1""",
+        retry,
+        now + timedelta(minutes=30),
+    )
+    sent = await add_followup(
+        pool, sam, now - timedelta(minutes=1), status="sent", sent_at=now, lateness_ms=3.5
+    )
+
+    output = await narrow_list(settings)
+    print(f"\n{output}")
+    assert max(len(line) for line in output.splitlines()) <= 80
+    assert "…" not in output
+    text = " ".join(output.split())
+    for followup_id, status, due in (
+        (quiet, "scheduled", "2 min ago"),
+        (waiting, "scheduled", "3 min ago"),
+        (retry, "scheduled", "4 min ago"),
+        (sent, "sent", "1 min ago"),
+    ):
+        assert row_of(output, followup_id)[3:5] == [status, due]
+    for phrase in (
+        "deferred: quiet hours, goes in 10 h",
+        "waiting for a send place, goes in 20 min",
+        "retry 2/3, goes in 30 min: http_503",
+        "3.5 ms late",
+    ):
+        assert phrase in text, phrase
 
 
 async def test_show_prints_row_text_path_timeline_and_calls(settings, pool):
