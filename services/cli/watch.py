@@ -86,7 +86,7 @@ async def _follow(url: str, contractor: int | None) -> None:
                     continue
                 if contractor is not None and event.get("contractor_id") != contractor:
                     continue
-                console.print(event_line(event), highlight=False)
+                console.print(event_line(event), highlight=False, soft_wrap=True)
 
 
 def watch(
