@@ -184,3 +184,65 @@ async def test_stats_as_json(settings, pool):
     table = await followups(settings, "stats")
     assert "response rate" in table.output
     assert "25.0%" in table.output
+
+
+async def test_schedule_publishes_every_option_and_falls_back_to_the_key(settings, pool):
+    """No scheduler runs here: the request is published with its options, and schedule says
+    which key finds it once it is recorded."""
+    import aio_pika
+
+    from shared.topology import PUBLIC_EXCHANGE
+
+    sam = await add_contractor(pool)
+    item = await pool.fetchval(
+        "INSERT INTO contractor_action_items (contractor_id, title, status)"
+        " VALUES ($1, 'W-9', 'pending') RETURNING id",
+        sam,
+    )
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(PUBLIC_EXCHANGE, routing_key="followup.requested")
+        result = await followups(
+            settings,
+            "schedule",
+            "-c",
+            str(sam),
+            "--in",
+            "2h",
+            "-t",
+            "Hi {first_name}",
+            "--priority",
+            "7",
+            "--every-days",
+            "7",
+            "--action-item",
+            str(item),
+            "--skip-if-completed",
+            "--hint",
+            "topic=W-9",
+            "--wait",
+            "0.5",
+            QUIET_HOURS="off",
+        )
+        assert result.exit_code == 0, result.output
+        message = await queue.get(timeout=10)
+        await message.ack()
+    body = json.loads(message.body)
+    key = re.search(r"key (cli-[0-9a-f]{12}): not recorded within 0.5 s", result.output)
+    assert key, result.output
+    assert "followups show --key" in result.output
+    assert body["idempotency_key"] == key[1]
+    assert body["priority"] == 7
+    assert (body["is_recurring"], body["recurrence_interval_days"]) == (True, 7)
+    assert (body["action_item_id"], body["skip_if_completed"]) == (item, True)
+    assert body["ai_context_hints"] == {"topic": "W-9"}
+    assert "(in 2 h)" in result.output
+
+
+async def test_schedule_names_a_missing_contractor(settings, pool):
+    result = await followups(settings, "schedule", "-c", "999999", "--in", "1h", "-t", "Hi")
+    assert result.exit_code == 1
+    assert "no contractor 999999" in result.output
+    assert "add-contractor" in result.output

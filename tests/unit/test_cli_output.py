@@ -10,8 +10,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
 from services.cli.commands import daytime_zone, due_lines, quiet_starts
+from services.cli.main import app
 from services.cli.moments import relative, short, wall
 from services.cli.views import followups_table, waiting_note
 from services.cli.watch import event_line
@@ -293,3 +295,14 @@ async def test_the_console_sink_shows_whom_what_when_due_when_out_and_how_late()
     assert due[1] == f"{due_at:%Y-%m-%d %H:%M:%S}.{due_at.microsecond // 1000:03d}"
     assert went[1] > due[1]
     assert float(went[2].replace(",", "")) >= 5
+
+
+def test_schedule_refuses_what_the_scheduler_would_reject_before_publishing():
+    runner = CliRunner()
+    base = ["schedule", "-c", "1", "--in", "10s", "-t", "Hi"]
+    lonely = runner.invoke(app, [*base, "--skip-if-completed"])
+    assert lonely.exit_code == 2
+    assert "skip_if_completed needs action_item_id" in lonely.output
+    bad_hint = runner.invoke(app, [*base, "--hint", "no-equals-sign"])
+    assert bad_hint.exit_code == 2
+    assert "KEY=VALUE" in bad_hint.output
