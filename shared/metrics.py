@@ -33,6 +33,12 @@ MESSAGES = Counter(
     "Messages handled, by stage (scheduler, personalizer, dispatcher) and outcome",
     ["stage", "outcome"],
 )
+UNKNOWN_FIELDS = Counter(
+    "followups_unknown_fields_total",
+    "Inbound fields ignored because this version does not know them, by command and field name "
+    "(a name outside [a-z_]{1,40}, or past the first 50 names, is counted as 'other')",
+    ["command", "field"],
+)
 REJECTED = Counter(
     "followups_rejected_total",
     "Messages sent to a dead-letter queue, by queue and the rule that failed",

@@ -22,7 +22,11 @@ from pydantic import (
 )
 
 from shared.errors import InvalidMessage
+from shared.logging import get_logger
+from shared.metrics import UNKNOWN_FIELDS
 from shared.phones import check_e164
+
+_log = get_logger("followups.schemas")
 
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_HINTS_BYTES = 4 * 1024
@@ -61,7 +65,9 @@ class Status(StrEnum):
 
 
 class _Inbound(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    # Unknown fields are ignored (and counted by parse_inbound): a publisher may add a field
+    # before this system knows it. A change old readers would misread takes a new routing key.
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
 
 
 def _check_time_window(moment: datetime, now: datetime) -> None:
@@ -173,6 +179,26 @@ INBOUND: dict[str, type[_Inbound]] = {
 }
 
 
+_FIELD_LABEL = re.compile(r"[a-z_]{1,40}")
+# Distinct field names kept as labels per process; any further one is counted as "other", so
+# a publisher sending random names can't grow the metric without bound.
+MAX_UNKNOWN_FIELD_LABELS = 50
+_unknown_seen: set[tuple[str, str]] = set()
+
+
+def _note_unknown_fields(routing_key: str, schema: type[_Inbound], data: dict[str, Any]) -> None:
+    """Count the fields `schema` does not know, and log each name the first time it is seen."""
+    for name in data.keys() - schema.model_fields.keys():
+        label = name[:40] if _FIELD_LABEL.fullmatch(name[:40]) else "other"
+        if (routing_key, label) not in _unknown_seen:
+            if len(_unknown_seen) >= MAX_UNKNOWN_FIELD_LABELS:
+                label = "other"
+            if (routing_key, label) not in _unknown_seen:
+                _unknown_seen.add((routing_key, label))
+                _log.info("unknown field ignored", command=routing_key, field=label)
+        UNKNOWN_FIELDS.labels(routing_key, label).inc()
+
+
 def _first_error(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False, include_input=False)[:3]:
@@ -247,6 +273,7 @@ def parse_inbound(routing_key: str, body: bytes, content_type: str | None) -> _I
     problem = _unfit(data)
     if problem is not None:
         raise problem
+    _note_unknown_fields(routing_key, schema, data)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:

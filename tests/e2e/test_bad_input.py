@@ -110,12 +110,6 @@ def bad_messages(contractor_id: int, foreign_item: int) -> list[Bad]:
             reason_mentions="priority",
         ),
         Bad(
-            "unknown_field",
-            "schema",
-            encode(request(contractor_id, send_via="carrier_pigeon")),
-            reason_mentions="send_via",
-        ),
-        Bad(
             "naive_timestamp",
             "schema",
             encode(request(contractor_id, scheduled_time="2030-01-01T09:00:00")),
@@ -348,12 +342,13 @@ async def test_bad_messages_are_dead_lettered_with_their_rule_and_valid_ones_are
     dead = await drain_dead_letters(channel, len(cases))
 
     # The services are still there and still working after every bad message. A charset
-    # parameter is fine as long as it says UTF-8.
+    # parameter is fine as long as it says UTF-8, and a field this version doesn't know is
+    # ignored (a publisher upgraded first), counted and logged once.
     for i in range(5):
         await publish(
             channel,
             None,
-            encode(request(contractor, idempotency_key=f"after-{i}")),
+            encode(request(contractor, idempotency_key=f"after-{i}", send_via="carrier_pigeon")),
             content_type="application/json; charset=utf-8",
         )
         valid += 1
@@ -391,6 +386,26 @@ async def test_bad_messages_are_dead_lettered_with_their_rule_and_valid_ones_are
     for bad in cases:
         expected[bad.rule] = expected.get(bad.rule, 0) + 1
     assert await rejected_by_rule(services["scheduler"]) == expected
+    assert logs.count("unknown field ignored") == 1
+    unknown = await scheduler_samples(services["scheduler"], "followups_unknown_fields_total")
+    assert unknown == {(("command", "followup.requested"), ("field", "send_via")): 5.0}
+
+
+async def scheduler_samples(service: ServiceProcess, sample_name: str) -> dict[tuple, float]:
+    """One metric's samples from the service's /metrics, by their labels."""
+    port = next(
+        json.loads(line)["port"]
+        for line in service.log_text().splitlines()
+        if "http endpoints listening" in line
+    )
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == sample_name
+    }
 
 
 async def rejected_by_rule(service: ServiceProcess) -> dict[str, float]:

@@ -148,3 +148,9 @@ def test_what_the_rules_allow_the_schemas_allow(document, routing_key, body):
         },
     }.get(routing_key, {})
     _schema_of(document, routing_key).validate({**base, **body})
+
+
+def test_commands_allow_fields_this_version_does_not_know(document):
+    schemas = document["components"]["schemas"]
+    for model in INBOUND.values():
+        assert schemas[model.__name__].get("additionalProperties", True) is not False

@@ -2,8 +2,11 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from structlog.testing import capture_logs
 
+import shared.schemas
 from shared.errors import InvalidMessage
+from shared.metrics import UNKNOWN_FIELDS
 from shared.schemas import (
     MAX_MESSAGE_BYTES,
     CancelRequested,
@@ -43,6 +46,62 @@ def test_valid_request_takes_defaults():
     assert parsed.scheduled_time.tzinfo is not None
 
 
+def _unknown(command: str, field: str) -> float:
+    return UNKNOWN_FIELDS.labels(command, field)._value.get()
+
+
+def test_an_unknown_field_is_ignored_counted_and_logged_once(monkeypatch):
+    monkeypatch.setattr(shared.schemas, "_unknown_seen", set())
+    before = _unknown("followup.requested", "send_via")
+    with capture_logs() as logs:
+        for _ in range(3):
+            parsed = parse_inbound("followup.requested", request(send_via="pigeon"), None)
+    assert isinstance(parsed, FollowupRequested)
+    assert "send_via" not in parsed.model_dump()
+    assert _unknown("followup.requested", "send_via") == before + 3
+    assert [(log["event"], log["field"]) for log in logs] == [("unknown field ignored", "send_via")]
+
+
+@pytest.mark.parametrize("name", ["Send-Via", "!" + "x" * 41, "naïve", "", "a.b"])
+def test_an_unknown_field_outside_the_label_pattern_is_counted_as_other(monkeypatch, name):
+    monkeypatch.setattr(shared.schemas, "_unknown_seen", set())
+    before = _unknown("followup.cancel_requested", "other")
+    parse_inbound(
+        "followup.cancel_requested", json.dumps({"followup_id": 1, name: 1}).encode(), None
+    )
+    assert _unknown("followup.cancel_requested", "other") == before + 1
+
+
+def test_a_long_unknown_field_name_is_truncated_to_forty_characters(monkeypatch):
+    monkeypatch.setattr(shared.schemas, "_unknown_seen", set())
+    name = "a" * 60
+    before = _unknown("followup.cancel_requested", "a" * 40)
+    parse_inbound(
+        "followup.cancel_requested", json.dumps({"followup_id": 1, name: 1}).encode(), None
+    )
+    assert _unknown("followup.cancel_requested", "a" * 40) == before + 1
+
+
+def test_the_unknown_field_labels_are_bounded(monkeypatch):
+    monkeypatch.setattr(shared.schemas, "_unknown_seen", set())
+    names = ["f_" + "".join(chr(97 + int(d)) for d in f"{i:03d}") for i in range(80)]
+    before = _unknown("followup.response_received", "other")
+    with capture_logs() as logs:
+        for name in names:
+            body = {"contractor_id": 1, "text": "hi", name: True}
+            parse_inbound("followup.response_received", json.dumps(body).encode(), None)
+    assert len(shared.schemas._unknown_seen) == shared.schemas.MAX_UNKNOWN_FIELD_LABELS + 1
+    assert _unknown("followup.response_received", "other") == before + 30
+    assert len(logs) == shared.schemas.MAX_UNKNOWN_FIELD_LABELS + 1
+
+
+def test_an_unknown_field_does_not_hide_a_bad_known_one():
+    with pytest.raises(InvalidMessage) as caught:
+        parse_inbound("followup.requested", request(send_via="pigeon", priority=10), None)
+    assert caught.value.rule == "schema"
+    assert "priority" in caught.value.detail
+
+
 def test_offset_other_than_utc_is_kept_as_the_same_instant():
     parsed = parse_inbound(
         "followup.requested", request(scheduled_time="2030-01-01T09:00:00-05:00"), None
@@ -70,7 +129,6 @@ def test_offset_other_than_utc_is_kept_as_the_same_instant():
             None,
             "schema",
         ),
-        ("followup.requested", request(unexpected="field"), None, "schema"),
         ("followup.requested", request(scheduled_time="1999-01-01T00:00:00Z"), None, "schema"),
         ("followup.requested", request(scheduled_time="2090-01-01T00:00:00Z"), None, "schema"),
         ("followup.requested", request(ai_context_hints={"note": "x" * 5000}), None, "schema"),
