@@ -108,5 +108,16 @@ def publish_command(settings: Settings, routing_key: str, body: dict[str, Any]) 
     asyncio.run(_send())
 
 
+def print_json(data: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, times in RFC 3339."""
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.isoformat()
+        return str(value)
+
+    typer.echo(json.dumps(data, default=encode, indent=2, ensure_ascii=False))
+
+
 def iso(moment: datetime | None) -> str:
     return moment.isoformat(timespec="milliseconds") if moment else ""

@@ -11,7 +11,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from services.cli.common import console, fail, load_settings
+from services.cli.common import console, fail, load_settings, print_json
 from services.cli.deadletters import (
     DeadLetter,
     DeadLetterQueue,
@@ -65,10 +65,18 @@ async def _depth(dlq: DeadLetterQueue) -> int:
     return dlq.depth
 
 
-def _overview() -> None:
+def _overview(as_json: bool) -> None:
+    depths = [(work, _run(work, _depth)) for work in WORK_QUEUES]
+    if as_json:
+        print_json(
+            [
+                {"queue": work.dead_letter_queue, "messages": depth, "work_queue": work.name}
+                for work, depth in depths
+            ]
+        )
+        return
     table = Table("dead-letter queue", "messages", "work queue")
-    for work in WORK_QUEUES:
-        depth = _run(work, _depth)
+    for work, depth in depths:
         table.add_row(work.dead_letter_queue, str(depth), work.name)
     console.print(table)
 
@@ -81,6 +89,7 @@ def list_(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="messages to show")] = 20,
     body: Annotated[bool, typer.Option(help="print each body (may hold personal data)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Depth of every DLQ; with --queue, its first messages and why each was dead-lettered.
 
@@ -89,17 +98,37 @@ def list_(
     Example: [bold]followups dlq list --queue scheduler --limit 5[/bold]
     """
     if queue is None:
-        _overview()
+        _overview(as_json)
         return
     work = _work(queue)
 
     async def _peek(dlq: DeadLetterQueue) -> tuple[int, list[DeadLetter]]:
+        if as_json:  # stdout is for the JSON alone
+            return dlq.depth, await dlq.peek(limit, lambda: None)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("reading", total=min(limit, dlq.depth))
             letters = await dlq.peek(limit, lambda: progress.advance(task))
         return dlq.depth, letters
 
     depth, letters = _run(work, _peek)
+    if as_json:
+        print_json(
+            {
+                "queue": work.dead_letter_queue,
+                "messages": depth,
+                "shown": [
+                    {
+                        "routing_key": letter.original_routing_key,
+                        "reason": letter.reason,
+                        "message_id": letter.message_id,
+                        "bytes": len(letter.body),
+                        **({"body": letter.body.decode(errors="replace")} if body else {}),
+                    }
+                    for letter in letters
+                ],
+            }
+        )
+        return
     table = Table("#", "routing key", "reason", "message id", "bytes", title=work.dead_letter_queue)
     for n, letter in enumerate(letters, 1):
         table.add_row(

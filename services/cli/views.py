@@ -17,6 +17,7 @@ from services.cli.common import (
     iso,
     load_settings,
     parse_moment,
+    print_json,
     utcnow,
     with_pool,
 )
@@ -51,6 +52,7 @@ def list_(
         False
     ),
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Follow-ups in a table, by due time; the latest LIMIT that match, soonest first.
 
@@ -75,6 +77,9 @@ def list_(
         limit=limit,
     )
     rows = with_pool(settings, lambda pool: find_followups(pool, where))
+    if as_json:
+        print_json([asdict(row) for row in reversed(rows)])
+        return
     console.print(
         followups_table(list(reversed(rows)), now, settings.dispatch_max_attempts, console.width)
     )
@@ -205,6 +210,7 @@ def _text_path(row: Any) -> str:
 def show(
     followup_id: Annotated[int | None, typer.Argument(help="follow-up id")] = None,
     key: Annotated[str | None, typer.Option("--key", "-k", help="its idempotency key")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """One follow-up: its row, text path, lateness, timeline and webhook attempts.
 
@@ -217,6 +223,17 @@ def show(
     if found is None:
         raise fail(f"no follow-up {followup_id if key is None else repr(key)}")
     row = found.followup
+    if as_json:
+        print_json(
+            {
+                "followup": {name: getattr(row, name, None) for name in _ROW_FIELDS},
+                "text": _text_path(row),
+                "lateness_ms": found.lateness_ms,
+                "transitions": [asdict(t) for t in found.transitions],
+                "calls": [asdict(c) for c in found.calls],
+            }
+        )
+        return
     table = Table(show_header=False, box=None, title=f"follow-up {row.id}", title_justify="left")
     for name in _ROW_FIELDS:
         value = getattr(row, name, None)
