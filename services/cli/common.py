@@ -88,6 +88,9 @@ def with_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitable[T]]) 
         raise fail(f"database: {exc.__class__.__name__}: {exc}; try `followups doctor`") from None
 
 
+COMMAND_PUBLISH_TIMEOUT_SECONDS = 20.0
+
+
 def publish_command(settings: Settings, routing_key: str, body: dict[str, Any]) -> None:
     """Validate a command as the scheduler will, then publish it on exchange `followups`."""
     raw = json.dumps(body).encode()
@@ -105,7 +108,19 @@ def publish_command(settings: Settings, routing_key: str, body: dict[str, Any]) 
                 raw, exchange=PUBLIC_EXCHANGE, routing_key=routing_key, mandatory=False
             )
 
-    asyncio.run(_send())
+    async def _send_in_time() -> None:
+        # A robust connection would keep retrying a broker that is down or a vhost that is gone;
+        # a command line must answer.
+        await asyncio.wait_for(_send(), COMMAND_PUBLISH_TIMEOUT_SECONDS)
+
+    try:
+        asyncio.run(_send_in_time())
+    except TimeoutError:
+        raise fail(
+            f"the broker did not confirm the {routing_key} within "
+            f"{COMMAND_PUBLISH_TIMEOUT_SECONDS:.0f} s; nothing may have been published. "
+            "Try `followups doctor`"
+        ) from None
 
 
 def print_json(data: Any) -> None:
