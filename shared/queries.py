@@ -35,6 +35,7 @@ class Summary:
     deferred_until: datetime | None = None
     deferred_reason: str | None = None
     waiting_since: datetime | None = None
+    delivery_status: str | None = None  # the SMS provider's latest report
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Filter:
 _SUMMARY = """
     SELECT id, contractor_id, followup_type, status, priority, scheduled_time, sent_at,
            lateness_ms, attempts, text_source, status_reason, next_attempt_at, last_error,
-           deferred_until, deferred_reason, waiting_since
+           deferred_until, deferred_reason, waiting_since, delivery_status
     FROM contractor_followup_schedules
     WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[]))
       AND ($2::bigint IS NULL OR contractor_id = $2)

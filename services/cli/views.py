@@ -154,7 +154,9 @@ def followups_table(
         table.add_column("text", no_wrap=True)
     table.add_column("note", overflow="fold")
     for r in rows:
-        cells = [str(r.id), str(r.contractor_id), r.followup_type, r.status]
+        # a sent one shows the provider's word on it: sent/delivered, sent/failed
+        status = f"{r.status}/{r.delivery_status}" if r.delivery_status else r.status
+        cells = [str(r.id), str(r.contractor_id), r.followup_type, status]
         cells.append(relative(r.scheduled_time, now))
         if wide:
             cells += [short(r.scheduled_time, now, zone), str(r.priority), r.text_source or ""]
