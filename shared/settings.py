@@ -66,7 +66,11 @@ class QuietHours:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    # A `.env` file in the working directory fills in what the environment leaves unset (a
+    # laptop pointed at compose's broker and database); the environment always wins.
+    model_config = SettingsConfigDict(
+        extra="ignore", frozen=True, env_file=".env", env_file_encoding="utf-8"
+    )
 
     database_url: str = "postgresql://127.0.0.1:5432/followups"
     # Connections per service process; queries are short, so a few serve many messages.
