@@ -16,7 +16,7 @@ from shared.bus import Publisher, dead_letter
 from shared.calendar import quiet_until, zone_for
 from shared.consumer import Incoming
 from shared.db import persist
-from shared.events import announce
+from shared.events import announce, announce_rate_change
 from shared.faults import crash_point
 from shared.logging import get_logger
 from shared.metrics import (
@@ -358,22 +358,7 @@ async def _settle_unsent(
         )
         bound.warning("gateway asked the fleet to slow down", pause_seconds=pause.seconds)
         if change is not None:
-            SEND_RATE.set(change.limit_per_minute)
-            bound.warning(
-                "send rate changed",
-                limit_per_minute=change.limit_per_minute,
-                previous_limit_per_minute=change.previous_limit,
-                cause=change.cause,
-            )
-            await announce(
-                deps.publisher,
-                "followup.send_rate_changed",
-                row,
-                deps.clock,
-                limit_per_minute=change.limit_per_minute,
-                previous_limit_per_minute=change.previous_limit,
-                cause=change.cause,
-            )
+            await announce_rate_change(deps.publisher, change, row, deps.clock)
     then: Retry | GiveUp
     if result is None:
         then = GiveUp("taken_over", send.plan)

@@ -13,9 +13,9 @@ from shared.bus import Publisher
 from shared.consumer import Incoming
 from shared.deliveries import DeliveryStore, ReportOutcome
 from shared.errors import Rejected
-from shared.events import announce
+from shared.events import announce, announce_rate_change
 from shared.logging import get_logger
-from shared.metrics import DELIVERY_REPORTS, SEND_RATE
+from shared.metrics import DELIVERY_REPORTS
 from shared.phones import match_digits
 from shared.pipeline import arm_followup
 from shared.schemas import (
@@ -246,24 +246,8 @@ async def record_delivery(report: DeliveryReported, deps: SchedulerDeps) -> None
         await announce(
             deps.publisher, "followup.skipped", skipped, deps.clock, reason="undeliverable"
         )
-    change = recorded.rate_change
-    if change is not None:
-        SEND_RATE.set(change.limit_per_minute)
-        bound.warning(
-            "send rate changed",
-            limit_per_minute=change.limit_per_minute,
-            previous_limit_per_minute=change.previous_limit,
-            cause=change.cause,
-        )
-        await announce(
-            deps.publisher,
-            "followup.send_rate_changed",
-            row,
-            deps.clock,
-            limit_per_minute=change.limit_per_minute,
-            previous_limit_per_minute=change.previous_limit,
-            cause=change.cause,
-        )
+    if recorded.rate_change is not None:
+        await announce_rate_change(deps.publisher, recorded.rate_change, row, deps.clock)
 
 
 async def handle(incoming: Incoming, deps: SchedulerDeps) -> None:
