@@ -6,11 +6,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first, in their own layer: a code change doesn't reinstall them. Only the runtime
-# dependencies of pyproject.toml, at the versions of requirements.lock (which also pins dev tools).
+# Dependencies first, in their own layer: a code change doesn't reinstall them. The runtime lock
+# only (requirements.lock; the tests' tools are in requirements-dev.lock), every file checked
+# against its hash.
 COPY pyproject.toml requirements.lock ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > runtime.txt \
-    && pip install --constraint requirements.lock --requirement runtime.txt
+RUN pip install --require-hashes --requirement requirements.lock
 COPY README.md ./
 COPY shared ./shared
 COPY services ./services

@@ -3,26 +3,37 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+LOCKS := requirements.lock requirements-dev.lock
+STAMP := $(VENV)/.installed-$(shell cat $(LOCKS) pyproject.toml | sha1sum | cut -c1-12)
+# Both locks are written from pyproject.toml with hashes; the dev lock keeps the runtime's versions.
+UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes --quiet
 
-.PHONY: help install services run test test-unit test-integration test-e2e lint format typecheck check docs bench chaos cluster clean
+.PHONY: help install lock services run test test-unit test-integration test-e2e lint format typecheck check docs bench chaos cluster clean
 
 help:
 	@echo "make run        install, migrate, declare the topology, run the three services"
 	@echo "make test       install and run every test tier against local PostgreSQL and RabbitMQ"
 	@echo "make check      lint (ruff), format check, types (mypy) and the tests"
 	@echo "make docs       regenerate docs/asyncapi.json and deploy/rabbitmq/definitions.json"
+	@echo "make lock       rewrite requirements.lock and requirements-dev.lock from pyproject.toml"
 	@echo "make bench      benchmarks (not part of make test)"
 	@echo "make cluster    3-node RabbitMQ cluster, kill a node mid-run: no timer lost (needs root)"
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): $(LOCKS) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock -r requirements-dev.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 install: $(STAMP)
+
+# After changing a dependency in pyproject.toml. Versions already locked are kept; to move one:
+# make lock LOCK_ARGS="--upgrade-package NAME".
+LOCK_ARGS ?=
+lock: install
+	$(UV_COMPILE) $(LOCK_ARGS) -o requirements.lock
+	$(UV_COMPILE) $(LOCK_ARGS) --extra dev -c requirements.lock -o requirements-dev.lock
 
 services:
 	@scripts/ensure-services.sh
