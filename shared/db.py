@@ -1,4 +1,4 @@
-"""asyncpg pool with JSON codecs; the only place that opens database connections."""
+"""asyncpg pool with JSON codecs, used by every service for its database connections."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lifecycle events announced on exchange `followups` (CONTRACT §2, outbound)."""
+"""Lifecycle events announced on exchange `followups` (README: Publishing a follow-up, outcomes)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Wire formats: inbound commands, outbound lifecycle events and timer messages (CONTRACT §2)."""
+"""Wire formats: inbound commands, outbound lifecycle events and timer messages (README:
+Publishing a follow-up)."""
 
 from __future__ import annotations
 

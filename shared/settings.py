@@ -1,4 +1,5 @@
-"""Typed configuration read from the environment (CONTRACT §5), built once by each entry point."""
+"""Typed configuration read from the environment (README: Configuration), built once by each
+entry point."""
 
 from __future__ import annotations
 

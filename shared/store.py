@@ -1,4 +1,5 @@
-"""All SQL of followups: the record of every follow-up and its transitions (CONTRACT §4)."""
+"""The record of every follow-up and its transitions: the row model and the scheduler's and
+personalizer's queries (the dispatcher's are in services/dispatcher/repository.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Where an SMS goes: the n8n webhook (CONTRACT §3), or a console sink that sends nothing."""
+"""Where an SMS goes: the n8n webhook (README: Security, signing), or a console sink that
+sends nothing."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Delivery guarantees under faults, through real processes, broker and database (DESIGN
-invariants 1-6). The long versions of the chaos runs are in tests/chaos (`make chaos`)."""
+"""Delivery guarantees under faults, through real processes, broker and database (the
+README's Guarantees table). The long chaos runs are in tests/chaos (`make chaos`)."""
 
 from __future__ import annotations
 
