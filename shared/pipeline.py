@@ -88,16 +88,8 @@ async def arm_followup(timer: Timer, row: Followup, lead: timedelta, margin: tim
 
 async def arm_after_lead(timer: Timer, due: TimerMessage, lead: timedelta, now: datetime) -> None:
     """A `lead` timer fired: the text is wanted now, the send at the message's `fire_at`."""
-    preparation = TimerMessage(
-        kind=TimerKind.PERSONALIZE, followup_id=due.followup_id, version=due.version, fire_at=now
-    )
-    send = TimerMessage(
-        kind=TimerKind.DISPATCH,
-        followup_id=due.followup_id,
-        version=due.version,
-        fire_at=due.fire_at,
-        attempt=due.attempt,
-    )
+    preparation = due.model_copy(update={"kind": TimerKind.PERSONALIZE, "fire_at": now})
+    send = due.model_copy(update={"kind": TimerKind.DISPATCH})
     await asyncio.gather(
         arm(timer, PERSONALIZER_DUE.name, preparation, window=lead),
         arm(timer, DISPATCHER_DUE.name, send),
