@@ -76,7 +76,7 @@ docs: install
 chaos: install services
 	$(BIN)/pytest -m chaos tests/chaos -s
 
-# BENCH_PEER=DIR (a prepared copy of the BullMQ design, README Performance) runs it alongside;
+# BENCH_PEER=DIR (a prepared copy of the BullMQ design, docs/performance.md) runs it alongside;
 # arguments for the bench go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--scenario capacity".
 bench: install services
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -1,2 +1,2 @@
-"""`make bench`: the system as in production, under load, measured end to end (README:
-Performance)."""
+"""`make bench`: the system as in production, under load, measured end to end
+(docs/performance.md)."""

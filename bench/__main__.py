@@ -1,4 +1,4 @@
-"""`python -m bench` (`make bench`): see README, Performance, and `python -m bench --help`."""
+"""`python -m bench` (`make bench`): see docs/performance.md and `python -m bench --help`."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ EPILOG = """scenarios:
              passes 50 ms: the last rate that held (only when asked for, or with "all")
 Each scenario gets a fresh database, vhost and service processes. With BENCH_PEER set to a
 prepared copy of the BullMQ design, steady, burst, ingest and capacity also run on it, in the same
-run (README, Performance). With the defaults a full run takes about 25 minutes (the pending load
+run (docs/performance.md). With the defaults a full run takes about 25 minutes (the pending load
 about 10); try --pending 100000 for a shorter one."""
 DEFAULT_SCENARIOS = ["steady", "burst", "ingest", "pending", *PROBES]
 

@@ -57,7 +57,7 @@ def management_get(path: str, timeout: float = 10.0) -> Any:
     except (urllib.error.URLError, OSError) as exc:
         raise ManagementUnavailable(
             f"the management API on {MANAGEMENT} did not answer ({exc}): "
-            "`rabbitmq-plugins enable rabbitmq_management` (see README, Performance)"
+            "`rabbitmq-plugins enable rabbitmq_management` (see docs/performance.md)"
         ) from exc
 
 

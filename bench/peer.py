@@ -1,5 +1,5 @@
 """The BullMQ design (Node.js, BullMQ delayed jobs in Redis, PostgreSQL) in the same run, when
-`BENCH_PEER` names a prepared copy of it (README, Performance). Its `run.sh` starts and stops its
+`BENCH_PEER` names a prepared copy of it (docs/performance.md). Its `run.sh` starts and stops its
 own Redis, receiver and workers; its rows are computed here from its raw files (schedule,
 receiver log, producer report, per-component CPU samples) with the same definitions as ours.
 
@@ -47,7 +47,7 @@ def peer_dir() -> Path | None:
     if not (path / "run.sh").is_file() or not (path / "node_modules").is_dir():
         raise PeerNotReady(
             f"BENCH_PEER={value} is not a prepared copy of the BullMQ design "
-            "(run.sh and node_modules expected): see README, Performance"
+            "(run.sh and node_modules expected): see docs/performance.md"
         )
     return path
 
@@ -59,7 +59,7 @@ def peer_python(path: Path) -> str:
     if not Path(chosen).exists():
         raise PeerNotReady(
             f"no python for the peer's receiver at {chosen}: make one in the copy with "
-            "`python3 -m venv .venv && .venv/bin/pip install aiohttp` (README, Performance)"
+            "`python3 -m venv .venv && .venv/bin/pip install aiohttp` (docs/performance.md)"
         )
     return chosen
 
