@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     webhook_signing_secret: SecretStr | None = None
     webhook_allow_insecure: bool = False
     webhook_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10
+    # The usual proxy variables (either case), for the webhook call (shared.outbound_proxy).
+    https_proxy: SecretStr | None = None
+    http_proxy: SecretStr | None = None
+    no_proxy: str = ""
 
     # The ceiling of the adaptive send rate (shared.send_rate), which throttling signals halve.
     sms_rate_limit_per_minute: Annotated[int, Field(ge=1)] = 10

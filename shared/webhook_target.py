@@ -86,12 +86,14 @@ def _addresses(host: str, port: int, resolve: Resolver) -> list[IPAddress]:
 
 
 def check_webhook_target(
-    url: str, *, allow_insecure: bool, resolve: Resolver = resolve_host
+    url: str, *, allow_insecure: bool, proxied: bool = False, resolve: Resolver = resolve_host
 ) -> None:
     """Raise ConfigurationError, saying what to fix, unless `url` is a fit SMS webhook target.
 
     Every address the host resolves to must be public: one private answer is enough for a
-    request to land inside the network. The URL itself is never echoed (it may hold a token).
+    request to land inside the network. Behind a proxy (`proxied`) the host may resolve only
+    there, so a name this machine cannot resolve is left to the proxy. The URL itself is never
+    echoed (it may hold a token).
     """
     try:
         parts = urlsplit(url.strip())
@@ -116,7 +118,14 @@ def check_webhook_target(
         raise ConfigurationError(
             "N8N_OUTBOUND_WEBHOOK_URL must use https: SMS carry phone numbers; " + _LOCAL_ONLY
         )
-    for address in _addresses(host, port or 443, resolve):
+    try:
+        addresses = _addresses(host, port or 443, resolve)
+    except ConfigurationError:
+        if not proxied:
+            raise
+        log.warning("webhook host does not resolve here; the proxy will resolve it")
+        return
+    for address in addresses:
         reason = refusal(address)
         if reason is not None:
             raise ConfigurationError(
@@ -214,6 +223,21 @@ class CheckedAddresses(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+def webhook_transport(
+    *, allow_insecure: bool, max_connections: int, proxy: str | None
+) -> httpx.AsyncHTTPTransport:
+    """The webhook's connection pool: direct, with every connection's addresses checked, or
+    through `proxy`. Through a proxy, the proxy resolves the webhook host and connects to it, so
+    the per-connection check cannot see those addresses: the start-up check still judges what the
+    host resolves to here, and the proxy's own egress rules guard the rest."""
+    limits = httpx.Limits(max_connections=max_connections)
+    if proxy is not None:
+        return httpx.AsyncHTTPTransport(limits=limits, proxy=httpx.Proxy(proxy))
+    return check_every_connection(
+        httpx.AsyncHTTPTransport(limits=limits), CheckedAddresses(allow_insecure=allow_insecure)
+    )
 
 
 def check_every_connection(

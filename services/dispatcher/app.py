@@ -17,28 +17,25 @@ from services.dispatcher.handlers import DispatcherDeps, handle
 from services.dispatcher.repository import DispatchRepository
 from services.dispatcher.sweep import Sweeper, sweep_heartbeat
 from shared.consumer import Handler
+from shared.outbound_proxy import configured_proxy
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 from shared.topology import DISPATCHER_DUE
-from shared.webhook_target import (
-    CheckedAddresses,
-    check_every_connection,
-    check_signing_secret,
-    check_webhook_target,
-)
+from shared.webhook_target import check_signing_secret, check_webhook_target, webhook_transport
 
 
 def make_gateway(settings: Settings) -> Gateway:
     if settings.n8n_outbound_webhook_url is None:
         return ConsoleSink()
+    url = str(settings.n8n_outbound_webhook_url)
+    proxy = configured_proxy(settings, url)
     check_webhook_target(
-        str(settings.n8n_outbound_webhook_url), allow_insecure=settings.webhook_allow_insecure
+        url, allow_insecure=settings.webhook_allow_insecure, proxied=proxy is not None
     )
-    transport = check_every_connection(
-        httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=settings.dispatch_concurrency)
-        ),
-        CheckedAddresses(allow_insecure=settings.webhook_allow_insecure),
+    transport = webhook_transport(
+        allow_insecure=settings.webhook_allow_insecure,
+        max_connections=settings.dispatch_concurrency,
+        proxy=proxy,
     )
     secret = settings.webhook_signing_secret
     if secret:

@@ -6,24 +6,36 @@ from datetime import timedelta
 from functools import partial
 
 from faststream import FastStream
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
 from services.personalizer.handlers import PersonalizerDeps, handle
 from services.personalizer.llm import OpenAIWriter, TextWriter
 from services.personalizer.variants import VariantPlan
 from shared.consumer import Handler
 from shared.logging import get_logger
+from shared.outbound_proxy import configured_proxy
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 from shared.topology import PERSONALIZER_DUE
+
+# The SDK's own default, when OPENAI_BASE_URL is unset.
+OPENAI_API = "https://api.openai.com/v1"
 
 
 def make_writer(settings: Settings) -> TextWriter | None:
     key = settings.openai_api_key.get_secret_value().strip() if settings.openai_api_key else ""
     if not key:
         return None
-    # Retries are the writer's (within the lead), so the SDK makes none of its own.
-    client = AsyncOpenAI(api_key=key, base_url=settings.openai_base_url, max_retries=0)
+    proxy = configured_proxy(settings, settings.openai_base_url or OPENAI_API)
+    # Retries are the writer's (within the lead), so the SDK makes none of its own. The proxy
+    # comes from the settings (environment or .env), as the webhook's does, not from httpx's
+    # own reading of the environment.
+    client = AsyncOpenAI(
+        api_key=key,
+        base_url=settings.openai_base_url,
+        max_retries=0,
+        http_client=DefaultAsyncHttpxClient(proxy=proxy, trust_env=False),
+    )
     return OpenAIWriter(client, settings.openai_model)
 
 
