@@ -21,6 +21,8 @@ SERVICES = ("scheduler", "personalizer", "dispatcher")
 def migrate() -> None:
     """Create the database if needed and apply pending migrations.
 
+    Runs started together (one per pod) wait for each other: each migration is applied once.
+
     Example: [bold]DATABASE_URL=postgresql://127.0.0.1/followups followups migrate[/bold]
     """
     from shared.errors import ConfigurationError
