@@ -94,7 +94,7 @@ async def consume(
             routing_key=incoming.routing_key,
             exc_info=not isinstance(exc, TRANSIENT),
         )
-        await message.nack(requeue=True)
+        await _failed(message)
     else:
         await message.ack()
 
@@ -137,10 +137,17 @@ async def _reject(
             error=exc.__class__.__name__,
             routing_key=incoming.routing_key,
         )
-        await message.nack(requeue=True)
+        await _failed(message)
         return
     REJECTED.labels(queue.name, rejected.rule).inc()
     await message.ack()
+
+
+async def _failed(message: RabbitMessage) -> None:
+    """Back to the queue as a failed attempt. RabbitMQ 4.3 counts only those toward the delivery
+    limit, and from 0-9-1 only basic.reject makes one (a basic.nack requeue, as on shutdown, is
+    a plain return); earlier versions count every return."""
+    await message.reject(requeue=True)
 
 
 async def _with_retries(handler: Handler, incoming: Incoming) -> None:
