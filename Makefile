@@ -14,7 +14,7 @@ help:
 	@echo "make run        install, migrate, declare the topology, run the three services"
 	@echo "make test       install and run every test tier against local PostgreSQL and RabbitMQ"
 	@echo "make check      lint (ruff), format check, types (mypy) and the tests"
-	@echo "make docs       regenerate docs/asyncapi.json and deploy/rabbitmq/definitions.json"
+	@echo "make docs       regenerate docs/asyncapi.json and the deploy/ files made from the code"
 	@echo "make lock       rewrite requirements.lock and requirements-dev.lock from pyproject.toml"
 	@echo "make bench      benchmarks (not part of make test)"
 	@echo "make cluster    3-node RabbitMQ cluster, kill a node mid-run: no timer lost (needs root)"
@@ -72,6 +72,7 @@ check: lint typecheck test
 docs: install
 	$(BIN)/followups docs asyncapi --out docs/asyncapi.json
 	$(BIN)/followups topology export --out deploy/rabbitmq/definitions.json
+	$(BIN)/followups docs effectiveness-dashboard --out deploy/grafana/effectiveness.json
 
 chaos: install services
 	$(BIN)/pytest -m chaos tests/chaos -s

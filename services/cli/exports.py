@@ -1,4 +1,5 @@
-"""Files generated from the code: the broker definitions and the AsyncAPI event catalogue."""
+"""Files generated from the code: the broker definitions, the AsyncAPI event catalogue and the
+effectiveness dashboard."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def asyncapi_text() -> str:
     return render(catalogue(version("followups")))
 
 
+def effectiveness_dashboard_text() -> str:
+    from services.cli.dashboard import effectiveness_text
+
+    return effectiveness_text()
+
+
 @topology_app.command("export")
 def export(
     out: Out = None,
@@ -70,3 +77,14 @@ def asyncapi(out: Out = None) -> None:
     Example: [bold]followups docs asyncapi --out docs/asyncapi.json[/bold]
     """
     _emit(asyncapi_text(), out)
+
+
+@docs_app.command("effectiveness-dashboard")
+def effectiveness_dashboard(out: Out = None) -> None:
+    """Write the Grafana effectiveness dashboard generated from shared/effectiveness.py.
+
+    Import it in Grafana (Dashboards, New, Import); `make docs` keeps the committed copy current.
+
+    Example: [bold]followups docs effectiveness-dashboard -o effectiveness.json[/bold]
+    """
+    _emit(effectiveness_dashboard_text(), out)

@@ -21,12 +21,15 @@ from services.cli.common import (
     utcnow,
     with_pool,
 )
+from services.cli.dashboard import COLUMNS
 from services.cli.moments import duration, relative, short
+from shared.effectiveness import QUERIES, Window, figures
 from shared.queries import PENDING, Filter, Stats, Summary, find_followups, history, stats
 from shared.send_rate_store import RateReport, rate_report
 from shared.store import Reference
 
 _STATUSES = ("scheduled", "sending", "sent", "cancelled", "skipped", "failed")
+EFFECTIVENESS_DAYS = timedelta(days=30)  # the window `stats` shows without --since, as Grafana
 
 
 def _ms(value: float | None) -> str:
@@ -270,14 +273,55 @@ def show(
         console.print(calls)
 
 
-def _stats_json(result: Stats, send_rate: RateReport) -> str:
+def _stats_json(
+    result: Stats, send_rate: RateReport, window: Window, effect: dict[str, list[dict[str, Any]]]
+) -> str:
     data = asdict(result)
     data["response_rate"] = result.response_rate
     for group in ("by_prompt_variant", "by_tone"):
         for item, rate in zip(data[group], getattr(result, group), strict=True):
             item["rate"] = rate.rate
     data["send_rate"] = asdict(send_rate)
-    return json.dumps(data, default=str, indent=2)
+    data["effectiveness"] = {"window": asdict(window), "figures": effect}
+    return json.dumps(data, default=_json_value, indent=2)
+
+
+def _json_value(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+# How `stats` shows a column of the effectiveness figures (as the dashboard's units do).
+_RATES = {"response_rate", "delivery_rate", "share", "opt_out_rate"}
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column in _RATES:
+        return _pct(value)
+    if column == "median_response_seconds":
+        return duration(timedelta(seconds=value))
+    if isinstance(value, datetime):
+        return iso(value)
+    return str(value)
+
+
+def _print_effectiveness(window: Window, effect: dict[str, list[dict[str, Any]]]) -> None:
+    console.print(
+        f"[bold]effectiveness[/bold] of follow-ups sent from {iso(window.start)}"
+        f" until {iso(window.end)} (the dashboard's panels)"
+    )
+    for query in QUERIES:
+        rows = effect[query.name]
+        if not rows:
+            console.print(f"{query.title}: nothing in this window")
+            continue
+        columns = list(rows[0])
+        headers = (COLUMNS.get(c, (c.replace("_", " "),))[0] for c in columns)
+        table = Table(*headers, title=query.title, title_justify="left")
+        for row in rows:
+            table.add_row(*(_cell(c, row[c]) for c in columns))
+        console.print(table)
 
 
 def _print_send_rate(report: RateReport) -> None:
@@ -300,27 +344,47 @@ def _print_send_rate(report: RateReport) -> None:
 
 def stats_(
     since: Annotated[
-        str | None, typer.Option(help="only follow-ups due since: -7d, -24h or a time")
+        str | None,
+        typer.Option(
+            help="only follow-ups due (counts) or sent (effectiveness) since: -7d, a time"
+        ),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="effectiveness: only follow-ups sent before this; now")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Counts by status and type, response rates, time to response, send lateness, and the
-    adaptive send rate with its last changes.
+    """Counts by status and type, send lateness, the adaptive send rate with its last changes,
+    and the effectiveness dashboard's figures: responses by type, tone, prompt variant, text
+    source and local hour, delivery, error codes, opt-outs and the rate over time.
+
+    The effectiveness figures count follow-ups sent in [--since, --until): by default the last
+    30 days, as the dashboard opens.
 
     Example: [bold]followups stats --since -7d[/bold]   or   [bold]followups stats --json[/bold]
     """
-    start = parse_moment(since, utcnow()) if since else None
+    now = utcnow()
+    start = parse_moment(since, now) if since else None
     settings = load_settings()
+    window = Window(
+        start or now - EFFECTIVENESS_DAYS,
+        parse_moment(until, now) if until else now,
+        settings.default_timezone,
+    )
 
-    async def _read(pool: Any) -> tuple[Stats, RateReport]:
-        return await stats(pool, start), await rate_report(pool, settings.sms_rate_limit_per_minute)
+    async def _read(pool: Any) -> tuple[Stats, RateReport, dict[str, list[dict[str, Any]]]]:
+        return (
+            await stats(pool, start),
+            await rate_report(pool, settings.sms_rate_limit_per_minute),
+            await figures(pool, window),
+        )
 
-    result, send_rate = with_pool(settings, _read)
+    result, send_rate, effect = with_pool(settings, _read)
     if as_json:
-        console.print_json(_stats_json(result, send_rate))
+        console.print_json(_stats_json(result, send_rate, window, effect))
         return
-    window = f"due since {iso(start)}" if start else "all time"
-    console.print(f"[bold]{result.total}[/bold] follow-ups, {window}")
+    scope = f"due since {iso(start)}" if start else "all time"
+    console.print(f"[bold]{result.total}[/bold] follow-ups, {scope}")
     by_type = Table("type", *_STATUSES, title="by type and status", title_justify="left")
     for followup_type, counts in result.by_type.items():
         by_type.add_row(followup_type, *(str(counts.get(s, 0)) for s in _STATUSES))
@@ -338,11 +402,5 @@ def stats_(
         ),
     )
     console.print(summary)
-    for title, rates in (("prompt variant", result.by_prompt_variant), ("tone", result.by_tone)):
-        table = Table(
-            title, "sent", "responded", "rate", title=f"responses by {title}", title_justify="left"
-        )
-        for rate in rates:
-            table.add_row(rate.group, str(rate.sent), str(rate.responded), _pct(rate.rate))
-        console.print(table)
     _print_send_rate(send_rate)
+    _print_effectiveness(window, effect)
