@@ -12,6 +12,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.policies import (
+    DEFAULT_DELIVERY_LIMIT,
+    DEFAULT_DLQ_MAX_AGE_HOURS,
+    DEFAULT_DLQ_MAX_LENGTH,
+    QueueLimits,
+)
 from shared.send_rate import (
     DEFAULT_MIN_PER_MINUTE,
     DEFAULT_RECOVERY_DELIVERIES,
@@ -79,6 +85,13 @@ class Settings(BaseSettings):
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     delay_backend: DelayBackend = DelayBackend.AUTO
     delay_queue_type: Annotated[str, Field(pattern="^(quorum|classic)$")] = "quorum"
+    # Where `followups declare` applies the queue policies; unset: RABBITMQ_URL's host and
+    # credentials on port 15672.
+    rabbitmq_management_url: str | None = None
+    # The queue policies (shared.policies): changed by `followups declare`, no queue deleted.
+    delivery_limit: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_DELIVERY_LIMIT
+    dlq_max_length: Annotated[int, Field(ge=1, le=10_000_000)] = DEFAULT_DLQ_MAX_LENGTH
+    dlq_max_age_hours: Annotated[float, Field(gt=0, le=8760)] = DEFAULT_DLQ_MAX_AGE_HOURS
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
@@ -172,6 +185,10 @@ class Settings(BaseSettings):
             floor=self.sms_rate_min_per_minute,
             recovery_deliveries=self.sms_rate_recovery_deliveries,
         )
+
+    @property
+    def queue_limits(self) -> QueueLimits:
+        return QueueLimits(self.delivery_limit, self.dlq_max_length, self.dlq_max_age_hours)
 
     @property
     def throttle_codes(self) -> frozenset[str]:

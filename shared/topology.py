@@ -7,6 +7,10 @@ exchange "followups" (topic, public)
 timers (see shared.timers) deliver to
     followups.personalizer.due ──▶ followups.personalizer.due.dlq
     followups.dispatcher.due   ──▶ followups.dispatcher.due.dlq
+
+What a work or dead-letter queue does with its messages (delivery limit, dead-letter target,
+caps) is in its policy (shared.policies), which `followups declare` applies; here they are
+declared by type alone, so a policy can change them without deleting a queue.
 """
 
 from __future__ import annotations
@@ -15,11 +19,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 PUBLIC_EXCHANGE = "followups"
 DEAD_LETTER_EXCHANGE = "followups.dead-letter"
-DELIVERY_LIMIT = 5
+# Earlier releases declared the work queues with these x-arguments, which are in their policy
+# now; such a queue can't be redeclared without them (PRECONDITION_FAILED, inequivalent arg).
+LEGACY_WORK_ARGUMENTS = (
+    "x-delivery-limit",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-overflow",
+)
 
 # The `levels` timers spell a delay in base TIMER_RADIX, in units of TIMER_QUANTUM_MS, one digit
 # per position: queue (p, d) holds a message d * 16**p units and passes it to position p - 1. A
@@ -51,15 +64,7 @@ class WorkQueue:
 
     @property
     def arguments(self) -> dict[str, Any]:
-        return {
-            "x-queue-type": "quorum",
-            "x-delivery-limit": DELIVERY_LIMIT,
-            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-            "x-dead-letter-routing-key": self.dead_letter_queue,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-            **self.extra_arguments,
-        }
+        return {"x-queue-type": "quorum", **self.extra_arguments}
 
 
 SCHEDULER_INBOX = WorkQueue(
@@ -116,18 +121,44 @@ def timer_queue_arguments(position: int, digit: int, queue_type: str) -> dict[st
     return arguments
 
 
-async def _declare_work_queues(channel: AbstractChannel, public: AbstractExchange) -> None:
+def _names_legacy_argument(exc: aiormq.exceptions.ChannelPreconditionFailed) -> bool:
+    text = str(exc)
+    return "inequivalent arg" in text and any(f"'{key}'" in text for key in LEGACY_WORK_ARGUMENTS)
+
+
+async def _declare_work_queue(
+    channel: AbstractChannel, work: WorkQueue
+) -> tuple[AbstractQueue, bool]:
+    """The queue, declared; or, when an earlier release declared it with the x-arguments its
+    policy holds now, the existing queue as it is, and True (it works as before; `followups
+    declare --migrate-queues` moves it). Any other difference is an error."""
+    try:
+        return await channel.declare_queue(work.name, durable=True, arguments=work.arguments), False
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        if not _names_legacy_argument(exc):
+            raise
+    # The refusal closed the channel.
+    await channel.reopen()
+    return await channel.declare_queue(work.name, passive=True), True
+
+
+async def _declare_work_queues(channel: AbstractChannel, public: AbstractExchange) -> list[str]:
+    """Returns the work queues left as an earlier release declared them."""
     dlx = await channel.declare_exchange(
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
     )
+    legacy = []
     for work in WORK_QUEUES:
         dlq = await channel.declare_queue(
             work.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await dlq.bind(dlx, routing_key=work.dead_letter_queue)
-        queue = await channel.declare_queue(work.name, durable=True, arguments=work.arguments)
+        queue, is_legacy = await _declare_work_queue(channel, work)
+        if is_legacy:
+            legacy.append(work.name)
         for key in work.bindings:
             await queue.bind(public, routing_key=key)
+    return legacy
 
 
 async def _declare_levels(channel: AbstractChannel, queue_type: str) -> None:
@@ -178,10 +209,11 @@ async def _declare_plugin(channel: AbstractChannel) -> None:
             await queue.bind(delayed, routing_key=work.name)
 
 
-async def declare_topology(url: str, *, backend: str, queue_type: str = "quorum") -> None:
+async def declare_topology(url: str, *, backend: str, queue_type: str = "quorum") -> list[str]:
     """Declare every exchange, queue and binding; idempotent, safe to run from many processes.
 
-    `backend` is the resolved timer backend ("levels" or "plugin"), never "auto".
+    `backend` is the resolved timer backend ("levels" or "plugin"), never "auto". Returns the
+    work queues an earlier release declared with the arguments their policy holds now.
     """
     connection = await aio_pika.connect(url)
     async with connection:
@@ -189,8 +221,9 @@ async def declare_topology(url: str, *, backend: str, queue_type: str = "quorum"
         public = await channel.declare_exchange(
             PUBLIC_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        await _declare_work_queues(channel, public)
+        legacy = await _declare_work_queues(channel, public)
         if backend == "plugin":
             await _declare_plugin(channel)
         else:
             await _declare_levels(channel, queue_type)
+    return legacy

@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from shared.db import create_pool
+from shared.policies import Management, QueueLimits, apply_policies
 from shared.settings import DelayBackend, Settings
 from shared.topology import declare_topology
 from testbed.infra import Infra
@@ -21,6 +22,8 @@ async def infra() -> AsyncIterator[Infra]:
     created = Infra.create()
     try:
         await declare_topology(created.rabbitmq_url, backend="levels", queue_type="quorum")
+        async with Management.from_settings(created.rabbitmq_url) as management:
+            await apply_policies(management, QueueLimits())
         yield created
     finally:
         await created.drop()

@@ -1,5 +1,6 @@
 """The broker topology as a RabbitMQ definitions file, recorded from shared.topology's own
-declarations so that the file operators import is exactly what the services declare."""
+declarations so that the file operators import is exactly what the services declare, with the
+queue policies of shared.policies that `followups declare` applies."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, cast
 from aio_pika.abc import AbstractChannel
 
 from shared import topology
+from shared.policies import QueueLimits, policies
 
 
 class _Exchange:
@@ -83,9 +85,11 @@ class _Recorder:
         )
 
 
-async def definitions(vhost: str = "/", queue_type: str = "quorum") -> dict[str, Any]:
+async def definitions(
+    vhost: str = "/", queue_type: str = "quorum", limits: QueueLimits | None = None
+) -> dict[str, Any]:
     """Exchanges, queues and bindings of the `levels` timer backend (the plugin-free one, which
-    any broker can import)."""
+    any broker can import), and the policies with `limits` (the settings' defaults if None)."""
     recorder = _Recorder(vhost)
     channel = cast(AbstractChannel, recorder)
     public = await channel.declare_exchange(topology.PUBLIC_EXCHANGE, "topic", durable=True)
@@ -93,6 +97,10 @@ async def definitions(vhost: str = "/", queue_type: str = "quorum") -> dict[str,
     await topology._declare_levels(channel, queue_type)
     return {
         "vhosts": [{"name": vhost}],
+        "policies": [
+            {"vhost": vhost, "name": policy.name, **policy.body()}
+            for policy in policies(limits or QueueLimits())
+        ],
         "exchanges": sorted(recorder.exchanges.values(), key=lambda e: e["name"]),
         "queues": sorted(recorder.queues.values(), key=lambda q: q["name"]),
         "bindings": sorted(

@@ -60,10 +60,13 @@ def export(
     vhost: Annotated[str, typer.Option(help="the vhost the definitions go to")] = "/",
     queue_type: Annotated[str, typer.Option(help="timer queues: quorum or classic")] = "quorum",
 ) -> None:
-    """Write the exchanges, queues and bindings as a RabbitMQ definitions file (levels timers).
+    """Write the exchanges, queues, bindings and queue policies as a RabbitMQ definitions file
+    (levels timers; the policies with the default DELIVERY_LIMIT, DLQ_MAX_LENGTH and
+    DLQ_MAX_AGE_HOURS).
 
     Import it in the management UI (Overview, Import definitions) or with
-    `rabbitmqctl import_definitions`; the services declare the same objects at start.
+    `rabbitmqctl import_definitions`; the services declare the same objects at start, and
+    `followups declare` applies the same policies with the configured values.
 
     Example: [bold]followups topology export --out deploy/rabbitmq/definitions.json[/bold]
     """

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 import uvloop
 
-from services.cli.common import console, fail, load_settings
+from services.cli.common import console, err, fail, load_settings
 
 SERVICES = ("scheduler", "personalizer", "dispatcher")
 
@@ -36,24 +36,37 @@ def migrate() -> None:
     console.print(report or "migrations: nothing to do")
 
 
-def declare() -> None:
-    """Declare the broker topology (exchanges, queues, timers) for the configured backend.
+def declare(
+    migrate_queues: Annotated[
+        bool,
+        typer.Option(
+            "--migrate-queues",
+            help="redeclare work queues of earlier releases, keeping their messages "
+            "(stop the services first)",
+        ),
+    ] = False,
+) -> None:
+    """Declare the broker topology (exchanges, queues, timers) for the configured backend, and
+    apply the queue policies (delivery limit, dead-letter target, dead-letter caps) through the
+    management API (RABBITMQ_MANAGEMENT_URL).
 
     Example: [bold]followups declare[/bold]
     """
-    from shared.timers import resolve_backend
-    from shared.topology import declare_topology
+    from services.cli.declaring import declare_broker
+    from services.cli.queue_moves import MoveRefused
+    from shared.policies import ManagementError
 
     settings = load_settings()
-
-    async def _run() -> str:
-        backend = await resolve_backend(settings.rabbitmq_url, settings.delay_backend)
-        await declare_topology(
-            settings.rabbitmq_url, backend=backend, queue_type=settings.delay_queue_type
-        )
-        return backend.value
-
-    console.print(f"topology declared; timer backend: {asyncio.run(_run())}")
+    try:
+        declared = asyncio.run(declare_broker(settings, migrate_queues=migrate_queues))
+    except (ManagementError, MoveRefused) as exc:
+        raise fail(str(exc)) from None
+    for queue, count in declared.moved.items():
+        console.print(f"moved {queue}: redeclared, {count} message(s) kept", soft_wrap=True)
+    console.print(f"topology declared; timer backend: {declared.backend}")
+    console.print(f"policies applied: {', '.join(declared.policies)}", soft_wrap=True)
+    for warning in declared.warnings:
+        err.print(f"[yellow]warning[/yellow]: {warning}", soft_wrap=True)
 
 
 def run(

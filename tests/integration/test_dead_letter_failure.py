@@ -17,7 +17,9 @@ from faststream.rabbit.message import RabbitMessage
 from shared.bus import AmqpPublisher, make_broker
 from shared.consumer import Incoming, consume, work_queue_subscriber
 from shared.errors import Rejected
-from shared.topology import DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT, WorkQueue
+from shared.policies import DEFAULT_DELIVERY_LIMIT as DELIVERY_LIMIT
+from shared.topology import DEAD_LETTER_EXCHANGE, WorkQueue
+from tests.support.policies import work_queue_policy_for
 
 
 class DeadLetterFails(AmqpPublisher):
@@ -46,19 +48,20 @@ class Queues:
 @pytest.fixture
 async def queues(settings) -> AsyncIterator[Queues]:
     work = WorkQueue(f"followups.test.dl-fails.{uuid.uuid4().hex[:8]}")
-    connection = await aio_pika.connect(settings.rabbitmq_url)
-    channel = await connection.channel()
-    dlq = await channel.declare_queue(
-        work.dead_letter_queue, arguments={"x-queue-type": "quorum"}, durable=True
-    )
-    await dlq.bind(DEAD_LETTER_EXCHANGE, routing_key=work.dead_letter_queue)
-    await channel.declare_queue(work.name, durable=True, arguments=work.arguments)
-    try:
-        yield Queues(channel, work, dlq)
-    finally:
-        await channel.queue_delete(work.name)
-        await channel.queue_delete(work.dead_letter_queue)
-        await connection.close()
+    async with work_queue_policy_for(settings, work):
+        connection = await aio_pika.connect(settings.rabbitmq_url)
+        channel = await connection.channel()
+        dlq = await channel.declare_queue(
+            work.dead_letter_queue, arguments={"x-queue-type": "quorum"}, durable=True
+        )
+        await dlq.bind(DEAD_LETTER_EXCHANGE, routing_key=work.dead_letter_queue)
+        await channel.declare_queue(work.name, durable=True, arguments=work.arguments)
+        try:
+            yield Queues(channel, work, dlq)
+        finally:
+            await channel.queue_delete(work.name)
+            await channel.queue_delete(work.dead_letter_queue)
+            await connection.close()
 
 
 async def run_consumer(

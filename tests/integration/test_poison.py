@@ -10,11 +10,18 @@ from faststream.rabbit.message import RabbitMessage
 
 from shared.bus import AmqpPublisher, make_broker
 from shared.consumer import Incoming, consume, work_queue_subscriber
-from shared.topology import DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT, WorkQueue
+from shared.policies import DEFAULT_DELIVERY_LIMIT as DELIVERY_LIMIT
+from shared.topology import DEAD_LETTER_EXCHANGE, WorkQueue
+from tests.support.policies import work_queue_policy_for
 
 
 async def test_poison_message_is_dead_lettered_after_the_delivery_limit(settings):
     work = WorkQueue(f"followups.test.poison.{uuid.uuid4().hex[:8]}")
+    async with work_queue_policy_for(settings, work):
+        await _run(settings, work)
+
+
+async def _run(settings, work: WorkQueue) -> None:
     connection = await aio_pika.connect(settings.rabbitmq_url)
     channel = await connection.channel()
     dlq = await channel.declare_queue(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from services.cli.exports import asyncapi_text, definitions_text
+from shared.policies import DEFAULT_DELIVERY_LIMIT
 from shared.schemas import INBOUND
 from shared.topology import WORK_QUEUES
 
@@ -33,10 +35,15 @@ def test_rabbitmq_definitions_are_up_to_date():
     assert committed == definitions_text(), f"deploy/rabbitmq/definitions.json {STALE}"
 
 
-def test_every_work_queue_has_a_dead_letter_queue_in_the_definitions():
+def test_every_work_queue_has_a_dead_letter_queue_and_a_policy_in_the_definitions():
     definitions = json.loads(definitions_text())
     queues = {q["name"]: q["arguments"] for q in definitions["queues"]}
+    policies = {p["name"]: p for p in definitions["policies"]}
     for work in WORK_QUEUES:
-        assert queues[work.name]["x-dead-letter-routing-key"] == work.dead_letter_queue
+        assert queues[work.name] == {"x-queue-type": "quorum"}
         assert work.dead_letter_queue in queues
+        definition = policies[work.name]["definition"]
+        assert definition["dead-letter-routing-key"] == work.dead_letter_queue
+        assert definition["delivery-limit"] == DEFAULT_DELIVERY_LIMIT
+        assert re.search(policies["followups.dead-letters"]["pattern"], work.dead_letter_queue)
     assert all(name.startswith("followups.") for name in queues)
