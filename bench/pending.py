@@ -34,8 +34,8 @@ from bench.progress import Progress
 from bench.stack import Stack
 from shared.bus import AmqpPublisher
 from shared.pipeline import arm_followup
+from shared.rows import Followup
 from shared.settings import DelayBackend, Settings
-from shared.store import Followup
 from shared.timers import make_timer
 
 BATCH = 20_000

@@ -9,10 +9,11 @@ from uuid import UUID
 
 import asyncpg
 
+from shared.rows import Followup, cancellable, row_columns
 from shared.schemas import DeliveryReported, DeliveryStatus, Status
 from shared.send_rate import RatePolicy, Signal, signal_for_report
 from shared.send_rate_store import RateChange, apply_signal, lock_send_rate
-from shared.store import Followup, record_transition, row_columns
+from shared.transitions import record_transition
 
 _ROW = row_columns("f")
 
@@ -32,9 +33,8 @@ _RECORD = f"""
 # once the phone changes.
 _SKIP_PENDING = f"""
     WITH target AS (
-        SELECT id, status AS previous_status FROM contractor_followup_schedules
-        WHERE contractor_id = $1 AND status IN ('scheduled', 'sending')
-          AND calling_since IS NULL AND NOT is_recurring
+        SELECT p.id, p.status AS previous_status FROM contractor_followup_schedules AS p
+        WHERE p.contractor_id = $1 AND {cancellable("p")} AND NOT p.is_recurring
         FOR UPDATE)
     UPDATE contractor_followup_schedules AS f
     SET status = 'skipped', status_reason = 'undeliverable', version = f.version + 1,

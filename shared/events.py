@@ -7,9 +7,9 @@ from typing import Any
 from shared.bus import Publisher, publish_event
 from shared.logging import get_logger
 from shared.metrics import SEND_RATE
+from shared.rows import Followup
 from shared.schemas import LifecycleEvent
 from shared.send_rate_store import RateChange
-from shared.store import Followup
 from shared.timers import Clock
 
 log = get_logger("followups.send_rate")

@@ -20,8 +20,9 @@ from zoneinfo import ZoneInfo
 
 from shared.calendar import next_occurrence
 from shared.metrics import TIMERS_ARMED
+from shared.occurrences import NextOccurrence
+from shared.rows import Followup
 from shared.schemas import TimerKind, TimerMessage
-from shared.store import Followup, NextOccurrence
 from shared.timers import Timer, wanted_ms
 from shared.topology import DISPATCHER_DUE, PERSONALIZER_DUE
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import asyncpg
 
-from shared.store import Followup, FollowupStore, Reference
+from shared.rows import PENDING_STATUSES, Followup, Reference, find_followup
 
-PENDING = ("scheduled", "sending")
+PENDING = tuple(status.value for status in PENDING_STATUSES)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class History:
 
 async def history(pool: asyncpg.Pool, reference: Reference) -> History | None:
     """One follow-up with every transition and every webhook call, in order."""
-    row = await FollowupStore(pool).find(reference)
+    row = await find_followup(pool, reference)
     if row is None:
         return None
     transitions = await pool.fetch(

@@ -21,16 +21,18 @@ from shared.consumer import Handler, consume, work_queue_subscriber
 from shared.db import CONNECTION_ERRORS, create_pool
 from shared.health import Readiness, ServiceApp, metrics_middleware
 from shared.logging import configure_logging, get_logger
+from shared.retry_policy import (
+    STARTUP_FIRST_PAUSE_SECONDS,
+    STARTUP_MAX_PAUSE_SECONDS,
+    STARTUP_PATIENCE_SECONDS,
+)
 from shared.settings import Settings
-from shared.store import FollowupStore
 from shared.timers import Clock, Timer, make_timer, resolve_backend
 from shared.topology import WorkQueue, declare_topology
 
 T = TypeVar("T")
 
 
-# How long a starting service waits for the broker and the database before it gives up.
-STARTUP_PATIENCE_SECONDS = 60.0
 _UNREACHABLE: tuple[type[BaseException], ...] = (
     *CONNECTION_ERRORS,
     aiormq.exceptions.AMQPConnectionError,
@@ -40,7 +42,7 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 async def when_reachable(what: str, log: Any, attempt: Callable[[], Awaitable[T]]) -> T:
     """Start-up that rides out a broker or database that is still coming up (compose, k8s)."""
     deadline = asyncio.get_running_loop().time() + STARTUP_PATIENCE_SECONDS
-    pause = 0.5
+    pause = STARTUP_FIRST_PAUSE_SECONDS
     while True:
         try:
             return await attempt()
@@ -53,7 +55,7 @@ async def when_reachable(what: str, log: Any, attempt: Callable[[], Awaitable[T]
                 retry_in_seconds=pause,
             )
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 5.0)
+            pause = min(pause * 2, STARTUP_MAX_PAUSE_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,6 @@ class Runtime:
     pool: asyncpg.Pool
     publisher: AmqpPublisher
     timer: Timer
-    store: FollowupStore
     # The database's time: what the claim compares with and the calls are recorded in.
     clock: Clock
 
@@ -128,7 +129,6 @@ def create_service_app(
             pool=pool,
             publisher=publisher,
             timer=make_timer(backend, publisher, clock),
-            store=FollowupStore(pool),
             clock=clock,
         )
         handlers.append(make_handler(runtime))

@@ -25,9 +25,9 @@ from services.cli.common import (
 from services.cli.moments import relative, wall
 from shared.calendar import quiet_until, zone_for
 from shared.errors import InvalidMessage
+from shared.rows import Followup, Reference, find_followup
 from shared.schemas import FollowupRequested, Status, parse_inbound
 from shared.settings import QuietHours, Settings
-from shared.store import Followup, FollowupStore, Reference
 
 _UNSENT = (Status.CANCELLED, Status.SKIPPED, Status.FAILED)
 
@@ -179,15 +179,14 @@ async def _recipient(
     )
     if person is None:
         return None
-    return person, await FollowupStore(pool).find(reference)
+    return person, await find_followup(pool, reference)
 
 
 async def _recorded(pool: asyncpg.Pool, reference: Reference, wait: float) -> Followup | None:
     """The row the scheduler records for the key, polled until `wait` seconds have passed."""
-    store = FollowupStore(pool)
     deadline = time.monotonic() + wait
     while True:
-        row = await store.find(reference)
+        row = await find_followup(pool, reference)
         if row is not None or time.monotonic() >= deadline:
             return row
         await asyncio.sleep(0.1)

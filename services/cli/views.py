@@ -25,8 +25,8 @@ from services.cli.dashboard import COLUMNS
 from services.cli.moments import duration, relative, short
 from shared.effectiveness import QUERIES, Window, figures
 from shared.queries import PENDING, Filter, Stats, Summary, find_followups, history, stats
+from shared.rows import Reference
 from shared.send_rate_store import RateReport, rate_report
-from shared.store import Reference
 
 _STATUSES = ("scheduled", "sending", "sent", "cancelled", "skipped", "failed")
 EFFECTIVENESS_DAYS = timedelta(days=30)  # the window `stats` shows without --since, as Grafana

@@ -15,7 +15,7 @@ from standardwebhooks import Webhook
 from services.dispatcher.gateway import ConsoleSink, Gateway, WebhookGateway
 from services.dispatcher.handlers import DispatcherDeps, handle
 from services.dispatcher.repository import DispatchRepository
-from services.dispatcher.sweep import Sweeper, sweep_heartbeat
+from services.dispatcher.sweep import Sweeper, SweepQueries, sweep_heartbeat
 from shared.consumer import Handler
 from shared.outbound_proxy import configured_proxy
 from shared.service import Runtime, create_service_app
@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> FastStream:
 
     def _handler(runtime: Runtime) -> Handler:
         deps = DispatcherDeps(
-            repository=DispatchRepository(runtime.pool, runtime.store),
+            repository=DispatchRepository(runtime.pool),
             timer=runtime.timer,
             publisher=runtime.publisher,
             gateway=gateway,
@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> FastStream:
     def _sweep(runtime: Runtime) -> Coroutine[Any, Any, None]:
         sweeper = Sweeper(
             dsn=settings.database_url,
-            store=runtime.store,
+            store=SweepQueries(runtime.pool),
             timer=runtime.timer,
             clock=runtime.clock,
             interval=timedelta(seconds=settings.sweep_interval_seconds),

@@ -10,45 +10,37 @@ another dispatcher takes over only from an owner that is gone.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Any
 
 import asyncpg
 
 from services.dispatcher import send_window
+from services.dispatcher.ports import GiveUp, Retry, Sent, Settled, Settlement
 from services.dispatcher.send_window import CallSlot
+from shared.occurrences import (
+    NextOccurrence,
+    OccurrenceRecord,
+    arm_next,
+    continue_series,
+    end_in,
+    move,
+)
+from shared.rows import (
+    CONTEXT_JOINS,
+    CONTEXT_SELECT,
+    Followup,
+    SendContext,
+    context_from,
+    row_columns,
+)
 from shared.schemas import Status
 from shared.send_rate import RatePolicy, Signal
 from shared.send_rate_store import RateChange, apply_signal, lock_send_rate
-from shared.store import (
-    ACTION_ITEM_COLUMNS,
-    CONTRACTOR_COLUMNS,
-    EVENT_COLUMNS,
-    Context,
-    Followup,
-    FollowupStore,
-    NextOccurrence,
-    arm_after_commit,
-    continue_series,
-    end,
-    move,
-    record_transition,
-    row_columns,
-)
+from shared.transitions import LOG_TRANSITIONS, record_transition
+
+__all__ = ["DispatchRepository", "GiveUp", "Retry", "Sent", "Settled", "Settlement"]
 
 _ROW = row_columns("f")
-_CONTEXT_COLUMNS = ", ".join(
-    [f"c.{n} AS c_{n}" for n in CONTRACTOR_COLUMNS]
-    + [f"a.{n} AS a_{n}" for n in ACTION_ITEM_COLUMNS]
-    + [f"e.{n} AS e_{n}" for n in EVENT_COLUMNS]
-    # a permanent delivery failure for the phone the contractor still has
-    + [
-        "regexp_replace(c.undeliverable_phone, '[^0-9]', '', 'g')"
-        " = regexp_replace(c.phone, '[^0-9]', '', 'g') AS c_undeliverable"
-    ]
-)
 
 _CLAIM = f"""
     WITH previous AS (
@@ -66,15 +58,13 @@ _CLAIM = f"""
                OR (f.status = 'sending' AND f.lease_until < clock_timestamp()))
         RETURNING previous.status AS previous_status, {_ROW}),
     logged AS (
-        INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
+        {LOG_TRANSITIONS}
         SELECT id, 'dispatcher', previous_status, 'sending',
                jsonb_build_object('attempt', attempts, 'takeover', previous_status = 'sending')
         FROM claimed)
-    SELECT claimed.*, {_CONTEXT_COLUMNS}
+    SELECT claimed.*, {CONTEXT_SELECT}
     FROM claimed
-    LEFT JOIN contractors AS c ON c.id = claimed.contractor_id
-    LEFT JOIN contractor_action_items AS a ON a.id = claimed.action_item_id
-    LEFT JOIN events AS e ON e.id = claimed.event_id"""
+    {CONTEXT_JOINS.format(f="claimed")}"""
 
 # $1 id, $2 sent_by, $3 note, $4 text fallback reason, $5 http status, $6 webhook call id,
 # $7 claim id. A cancel or reschedule kept during the call came too late: the row says so.
@@ -97,7 +87,7 @@ _MARK_SENT = f"""
         WHERE f.id = $1 AND f.status = 'sending' AND f.claim_id = $7
         RETURNING {_ROW}),
     logged AS (
-        INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
+        {LOG_TRANSITIONS}
         SELECT id, 'dispatcher', 'sending', 'sent',
                jsonb_build_object('sent_by', sent_by, 'attempt', attempts,
                                   'lateness_ms', lateness_ms)
@@ -126,54 +116,13 @@ _RELEASE = """
     RETURNING id"""
 
 
-@dataclass(frozen=True)
-class Sent:
-    row: Followup | None  # None: the claim was lost meanwhile, nothing recorded on the row
-    following: Followup | None
-    too_late: str | None  # "cancel" or "reschedule" when one came during the accepted call
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Try again at `at`; `arm` publishes the timer for it (before the commit)."""
-
-    at: datetime
-    reason: str
-    arm: Callable[[], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class GiveUp:
-    reason: str
-    plan: NextOccurrence | None
-
-
-class Settlement(StrEnum):
-    RETRY = "retry"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    RESCHEDULED = "rescheduled"
-    LOST = "lost"
-
-
-@dataclass(frozen=True)
-class Settled:
-    kind: Settlement
-    row: Followup | None = None
-    following: Followup | None = None
-
-
-class DispatchRepository:
-    def __init__(self, pool: asyncpg.Pool, store: FollowupStore) -> None:
-        self._pool = pool
-        self._store = store
-
-    async def get(self, followup_id: int) -> Followup | None:
-        return await self._store.get(followup_id)
+class DispatchRepository(OccurrenceRecord):
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool, "dispatcher")
 
     async def claim(
         self, followup_id: int, version: int, lease: timedelta, early: timedelta
-    ) -> tuple[Followup, Context | None] | None:
+    ) -> tuple[Followup, SendContext | None] | None:
         """Take the occurrence for sending under a new claim id, in one statement: the version
         must match, the row must be due (within `early`) and still scheduled (a committed cancel
         wins), or its owner gone (lease run out). The same round trip records the transition
@@ -181,19 +130,7 @@ class DispatchRepository:
         record = await self._pool.fetchrow(_CLAIM, followup_id, version, lease, early)
         if record is None:
             return None
-        data = dict(record)
-        data.pop("previous_status")
-        parts: dict[str, dict[str, Any]] = {"c": {}, "a": {}, "e": {}}
-        for name in [k for k in data if k[:2] in ("c_", "a_", "e_")]:
-            parts[name[0]][name[2:]] = data.pop(name)
-        context = None
-        if parts["c"]["id"] is not None:
-            context = Context(
-                parts["c"],
-                parts["a"] if parts["a"]["id"] is not None else None,
-                parts["e"] if parts["e"]["id"] is not None else None,
-            )
-        return Followup.from_record(data), context
+        return Followup.from_record(record), context_from(record)
 
     async def renew(self, row: Followup, lease: timedelta) -> bool:
         """Extend the lease of a claim still waiting for its call; False if it was lost."""
@@ -284,14 +221,12 @@ class DispatchRepository:
                 if sent.reschedule_to is not None
                 else None
             )
-            if next_occurrence is None or too_late == "cancel":
+            if too_late == "cancel":
+                # a cancel that came during the call ends the series
                 return Sent(sent, None, too_late)
-            sent, following, created = await continue_series(
-                connection, sent, next_occurrence.scheduled_time, stage="dispatcher"
-            )
-        if created:
-            await arm_after_commit(next_occurrence, following)
-        return Sent(sent, following, too_late)
+            ending = await continue_series(connection, sent, next_occurrence, stage="dispatcher")
+        await arm_next(ending)
+        return Sent(ending.row, ending.following, too_late)
 
     async def settle_unsent(
         self,
@@ -308,8 +243,6 @@ class DispatchRepository:
         between. A cancel kept during the call wins (cancelled, the series ends), then a kept
         reschedule (the new time under a new version, its timers armed before the commit);
         only then `then`: a retry, or the end as failed."""
-        following: Followup | None = None
-        created = False
         async with self._pool.acquire() as connection, connection.transaction():
             if call_id is not None:
                 await connection.execute(
@@ -331,15 +264,16 @@ class DispatchRepository:
             current = Followup.from_record(record)
             if current.cancel_requested_at is not None:
                 reason = current.cancel_reason or "cancel_requested"
-                ended = await end(
+                ending = await end_in(
                     connection,
                     current,
                     Status.CANCELLED,
                     stage="dispatcher",
                     reason=reason,
+                    plan=None,
                     claim_id=row.claim_id,
                 )
-                return Settled(Settlement.CANCELLED, ended)
+                return Settled(Settlement.CANCELLED, ending.row)
             if current.reschedule_to is not None:
                 moved = await move(connection, current, current.reschedule_to, stage="dispatcher")
                 await arm_moved(moved)
@@ -348,34 +282,17 @@ class DispatchRepository:
                 await then.arm()
                 await _release(connection, current, then.at, then.reason, True, None, False)
                 return Settled(Settlement.RETRY, current)
-            ended = await end(
+            ending = await end_in(
                 connection,
                 current,
                 Status.FAILED,
                 stage="dispatcher",
                 reason=then.reason,
+                plan=then.plan,
                 claim_id=row.claim_id,
             )
-            if ended is not None and then.plan is not None:
-                ended, following, created = await continue_series(
-                    connection, ended, then.plan.scheduled_time, stage="dispatcher"
-                )
-        if created and then.plan is not None and following is not None:
-            await arm_after_commit(then.plan, following)
-        return Settled(Settlement.FAILED, ended, following)
-
-    async def finish(
-        self, row: Followup, status: Status, reason: str, plan: NextOccurrence | None
-    ) -> tuple[Followup | None, Followup | None]:
-        """End a claimed follow-up before any call (skipped, failed)."""
-        return await self._store.finish(
-            row,
-            status,
-            stage="dispatcher",
-            reason=reason,
-            next_occurrence=plan,
-            claim_id=row.claim_id,
-        )
+        await arm_next(ending)
+        return Settled(Settlement.FAILED, ending.row, ending.following)
 
 
 async def _release(

@@ -25,7 +25,7 @@ from shared.locks import REPAIR_SWEEP
 from shared.logging import get_logger
 from shared.metrics import SWEEP_LAST_PASS
 from shared.pipeline import arm_dispatch, arm_preparation
-from shared.store import FollowupStore
+from shared.rows import SELECT, Followup, pending
 from shared.timers import Clock, Timer
 
 log = get_logger("followups.sweep")
@@ -38,6 +38,53 @@ def sweep_heartbeat(interval: timedelta) -> Heartbeat:
     return Heartbeat(max_age=MISSED_PASSES_ALLOWED * interval.total_seconds())
 
 
+class SweepQueries:
+    """The rows the sweep re-arms."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def overdue(self, grace: timedelta, limit: int = 500) -> list[Followup]:
+        """Rows whose send timer should have fired more than `grace` ago: scheduled ones past
+        their (next attempt) time, and sending ones whose lease ran out."""
+        records = await self._pool.fetch(
+            # A range on scheduled_time over the pending index (now(), not the volatile
+            # clock_timestamp(), so the index can bound it): a sending row's lease ends well
+            # after its scheduled_time, so both kinds lie below the bound.
+            f"""{SELECT}
+                WHERE {pending("contractor_followup_schedules")}
+                  AND scheduled_time < now() - $1::interval
+                  AND CASE WHEN status = 'scheduled'
+                           THEN coalesce(next_attempt_at, scheduled_time)
+                                < now() - $1::interval
+                           ELSE lease_until < now() - $1::interval END
+                ORDER BY scheduled_time LIMIT $2""",
+            grace,
+            limit,
+        )
+        return [Followup.from_record(r) for r in records]
+
+    async def unprepared(
+        self, grace: timedelta, lead: timedelta, limit: int = 500
+    ) -> list[Followup]:
+        """Scheduled rows whose text should have been prepared more than `grace` ago and whose
+        send is still far enough ahead for preparing it to be worth it."""
+        records = await self._pool.fetch(
+            f"""{SELECT}
+                -- the pending condition as the partial index has it, so the index serves
+                WHERE {pending("contractor_followup_schedules")} AND status = 'scheduled'
+                  AND ai_should_personalize
+                  AND prepared_version IS DISTINCT FROM version
+                  AND scheduled_time < now() - $1::interval + $2::interval
+                  AND scheduled_time > now() + $1::interval
+                ORDER BY scheduled_time LIMIT $3""",
+            grace,
+            lead,
+            limit,
+        )
+        return [Followup.from_record(r) for r in records]
+
+
 @dataclass(frozen=True)
 class SweepReport:
     dispatch_rearmed: int
@@ -45,7 +92,7 @@ class SweepReport:
 
 
 async def sweep_once(
-    store: FollowupStore, timer: Timer, clock: Clock, grace: timedelta, lead: timedelta
+    store: SweepQueries, timer: Timer, clock: Clock, grace: timedelta, lead: timedelta
 ) -> SweepReport:
     overdue = await store.overdue(grace)
     for row in overdue:
@@ -59,7 +106,7 @@ async def sweep_once(
 @dataclass
 class Sweeper:
     dsn: str
-    store: FollowupStore
+    store: SweepQueries
     timer: Timer
     clock: Clock
     interval: timedelta

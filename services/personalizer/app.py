@@ -10,6 +10,7 @@ from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
 from services.personalizer.handlers import PersonalizerDeps, handle
 from services.personalizer.llm import OpenAIWriter, TextWriter
+from services.personalizer.repository import PersonalizerRepository
 from services.personalizer.variants import VariantPlan
 from shared.consumer import Handler
 from shared.logging import get_logger
@@ -50,7 +51,7 @@ def create_app(settings: Settings) -> FastStream:
         else:
             log.info("AI personalisation on", model=writer.model, prompt_variants=str(variants))
         deps = PersonalizerDeps(
-            store=runtime.store,
+            store=PersonalizerRepository(runtime.pool),
             timer=runtime.timer,
             publisher=runtime.publisher,
             clock=runtime.clock,

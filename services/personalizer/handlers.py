@@ -10,17 +10,23 @@ from zoneinfo import ZoneInfo
 from services.personalizer.guard import check
 from services.personalizer.llm import TextWriter
 from services.personalizer.prompt import PromptInput, build_prompt
+from services.personalizer.repository import PersonalizerStore
 from services.personalizer.variants import VariantPlan
 from shared.bus import Publisher
-from shared.calendar import zone_for
 from shared.consumer import Incoming
-from shared.events import announce
 from shared.logging import get_logger
 from shared.metrics import MESSAGES, TEXT_SOURCE
+from shared.occurrences import (
+    action_item_done,
+    contractor_zone,
+    end_occurrence,
+    is_stale,
+    render_template,
+)
 from shared.pipeline import series_plan
+from shared.rows import Followup, SendContext
 from shared.schemas import Status, TimerKind, parse_timer
-from shared.store import Context, Followup, FollowupStore
-from shared.templates import TemplateContext, TemplateError, render
+from shared.templates import TemplateError
 from shared.timers import Clock, Timer, wait_until_due
 from shared.topology import PERSONALIZER_DUE
 
@@ -35,7 +41,7 @@ LLM_MIN_BUDGET = timedelta(milliseconds=200)
 
 @dataclass(frozen=True)
 class PersonalizerDeps:
-    store: FollowupStore
+    store: PersonalizerStore
     timer: Timer
     publisher: Publisher
     clock: Clock
@@ -66,7 +72,7 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
         return
     bound = log.bind(followup_id=due.followup_id, stage="personalize")
     row = await deps.store.get(due.followup_id)
-    if row is None or row.version != due.version or row.status is not Status.SCHEDULED:
+    if row is None or is_stale(row, due, Status.SCHEDULED):
         MESSAGES.labels("personalizer", "stale").inc()
         bound.info(
             "stale timer dropped",
@@ -79,15 +85,12 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
     if context is None:
         bound.warning("contractor missing; the dispatcher will fail this follow-up")
         return
-    zone, _ = zone_for(context.contractor.get("timezone"), deps.default_zone)
-    if row.skip_if_completed and (context.action_item or {}).get("status") == "completed":
+    zone, _ = contractor_zone(context, deps.default_zone)
+    if action_item_done(row, context):
         await _skip(row, zone, deps)
         return
     try:
-        rendered = render(
-            row.message_template,
-            TemplateContext(context.contractor, context.action_item, context.event),
-        )
+        rendered = render_template(row, context)
     except TemplateError as exc:
         bound.warning("template cannot be rendered; the dispatcher will fail it", error=str(exc))
         return
@@ -113,7 +116,7 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
 
 
 async def _prepare(
-    row: Followup, context: Context, rendered: str, zone: ZoneInfo, deps: PersonalizerDeps
+    row: Followup, context: SendContext, rendered: str, zone: ZoneInfo, deps: PersonalizerDeps
 ) -> Text:
     if not row.ai_should_personalize:
         return Text(rendered, "template", None, None, None)
@@ -123,13 +126,14 @@ async def _prepare(
     budget = min(LLM_MAX_BUDGET, (row.scheduled_time - deps.clock()) * LLM_SHARE)
     if budget < LLM_MIN_BUDGET:
         return Text(rendered, "template", "no_time", None, variant.name)
+    rows = context.template_context()
     prompt = build_prompt(
         PromptInput(
             tone=row.message_tone,
             intent=rendered,
-            contractor=context.contractor,
-            action_item=context.action_item,
-            event=context.event,
+            contractor=rows.contractor,
+            action_item=rows.action_item,
+            event=rows.event,
             hints=row.ai_context_hints,
             zone=zone,
         ),
@@ -160,22 +164,20 @@ async def _skip(row: Followup, zone: ZoneInfo, deps: PersonalizerDeps) -> None:
         row, zone, deps.timer, deps.personalize_lead, deps.dispatch_margin, deps.clock()
     )
     reason = "action_item_completed"
-    ended, following = await deps.store.finish(
-        row, Status.SKIPPED, stage="personalizer", reason=reason, next_occurrence=plan
-    )
-    if ended is None:
-        return
-    MESSAGES.labels("personalizer", "skipped").inc()
-    log.info(
-        "follow-up skipped", followup_id=row.id, contractor_id=row.contractor_id, reason=reason
-    )
-    await announce(
-        deps.publisher,
-        "followup.skipped",
-        ended,
-        deps.clock,
+
+    async def _skipped(ended: Followup) -> None:
+        MESSAGES.labels("personalizer", "skipped").inc()
+        log.info(
+            "follow-up skipped", followup_id=row.id, contractor_id=row.contractor_id, reason=reason
+        )
+
+    await end_occurrence(
+        deps.store,
+        row,
+        Status.SKIPPED,
         reason=reason,
-        next_occurrence_id=ended.next_occurrence_id,
+        plan=plan,
+        publisher=deps.publisher,
+        clock=deps.clock,
+        on_ended=_skipped,
     )
-    if following is not None and following.status is Status.SCHEDULED:
-        await announce(deps.publisher, "followup.scheduled", following, deps.clock)

@@ -8,6 +8,7 @@ from functools import partial
 from faststream import FastStream
 
 from services.scheduler.handlers import SchedulerDeps, handle
+from services.scheduler.repository import SchedulerRepository
 from shared.consumer import Handler
 from shared.deliveries import CarrierCodes, DeliveryStore
 from shared.service import Runtime, create_service_app
@@ -17,7 +18,7 @@ from shared.topology import SCHEDULER_INBOX
 
 def _handler(runtime: Runtime) -> Handler:
     deps = SchedulerDeps(
-        store=runtime.store,
+        store=SchedulerRepository(runtime.pool),
         timer=runtime.timer,
         publisher=runtime.publisher,
         personalize_lead=timedelta(seconds=runtime.settings.personalize_lead_seconds),

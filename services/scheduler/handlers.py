@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import asyncpg
 
+from services.scheduler.repository import SchedulerStore
 from shared.bus import Publisher
 from shared.consumer import Incoming
 from shared.deliveries import DeliveryStore, ReportOutcome
@@ -18,6 +19,7 @@ from shared.logging import get_logger
 from shared.metrics import DELIVERY_REPORTS
 from shared.phones import match_digits
 from shared.pipeline import arm_followup
+from shared.rows import Followup, Reference
 from shared.schemas import (
     CancelRequested,
     DeliveryReported,
@@ -27,7 +29,6 @@ from shared.schemas import (
     Status,
     parse_inbound,
 )
-from shared.store import Followup, FollowupStore, Reference
 from shared.templates import TemplateError, check_template
 from shared.timers import Clock, Timer
 
@@ -36,7 +37,7 @@ log = get_logger("followups.scheduler")
 
 @dataclass(frozen=True)
 class SchedulerDeps:
-    store: FollowupStore
+    store: SchedulerStore
     timer: Timer
     publisher: Publisher
     personalize_lead: timedelta

@@ -5,9 +5,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from services.scheduler.repository import SchedulerRepository
 from shared.bus import AmqpPublisher, make_broker
 from shared.settings import Settings
-from shared.store import FollowupStore
 from shared.timers import LevelsTimer
 
 
@@ -31,5 +31,5 @@ def levels_timer(publisher) -> LevelsTimer:
 
 
 @pytest.fixture
-def store(pool: asyncpg.Pool) -> FollowupStore:
-    return FollowupStore(pool)
+def store(pool: asyncpg.Pool) -> SchedulerRepository:
+    return SchedulerRepository(pool)

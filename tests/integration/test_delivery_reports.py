@@ -170,7 +170,7 @@ async def test_throttling_reports_halve_the_rate_once_per_window_and_deliveries_
 
 
 async def test_the_send_window_counts_at_the_current_rate(pool, store):
-    repository = DispatchRepository(pool, store)
+    repository = DispatchRepository(pool)
     contractor = await add_contractor(pool)
     await pool.execute("INSERT INTO send_rate (id, limit_per_minute) VALUES (1, 2)")
     slots = []
@@ -193,7 +193,7 @@ async def test_the_send_window_counts_at_the_current_rate(pool, store):
 
 
 async def test_a_429_pauses_the_fleet_and_halves_the_rate_once_per_window(pool, store):
-    repository = DispatchRepository(pool, store)
+    repository = DispatchRepository(pool)
     contractor = await add_contractor(pool)
     row = await add_followup(pool, contractor, key="429")
     until = datetime.now(UTC) + timedelta(seconds=2)
@@ -255,7 +255,7 @@ async def test_a_permanent_failure_skips_pending_followups_and_new_ones_until_th
 
 
 async def test_the_claim_sees_an_undeliverable_phone(pool, store):
-    repository = DispatchRepository(pool, store)
+    repository = DispatchRepository(pool)
     contractor = await add_contractor(pool)
     await pool.execute(
         "UPDATE contractors SET undeliverable_phone = phone WHERE id = $1", contractor
@@ -263,9 +263,9 @@ async def test_the_claim_sees_an_undeliverable_phone(pool, store):
     row = await add_followup(pool, contractor, status="scheduled", key="claim")
     _, context = await repository.claim(row["id"], 1, LEASE, timedelta(hours=2))
     assert context is not None
-    assert context.contractor["undeliverable"] is True
+    assert context.contractor.undeliverable is True
     await pool.execute("UPDATE contractors SET phone = '+14155550199' WHERE id = $1", contractor)
     row = await add_followup(pool, contractor, status="scheduled", key="claim-2")
     _, context = await repository.claim(row["id"], 1, LEASE, timedelta(hours=2))
     assert context is not None
-    assert not context.contractor["undeliverable"]
+    assert not context.contractor.undeliverable

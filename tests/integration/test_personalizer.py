@@ -18,12 +18,15 @@ from openai import AsyncOpenAI
 from prometheus_client import REGISTRY
 
 from services.personalizer.handlers import PersonalizerDeps, handle
-from services.personalizer.llm import MAX_ATTEMPTS, OpenAIWriter
+from services.personalizer.llm import OpenAIWriter
 from services.personalizer.prompt import DATA_END, DATA_START
+from services.personalizer.repository import PersonalizerRepository
 from services.personalizer.variants import VariantPlan
+from services.scheduler.repository import SchedulerRepository
 from shared.consumer import Incoming
+from shared.retry_policy import LLM_MAX_ATTEMPTS as MAX_ATTEMPTS
+from shared.rows import Followup, Reference
 from shared.schemas import FollowupRequested, TimerKind, TimerMessage
-from shared.store import Followup, FollowupStore, Reference
 from shared.timers import utcnow
 from shared.topology import PERSONALIZER_DUE, PUBLIC_EXCHANGE
 from testbed.openai_server import (
@@ -50,9 +53,9 @@ async def writer(llm: OpenAIServer) -> AsyncIterator[OpenAIWriter]:
 
 
 @pytest.fixture
-def deps(store, levels_timer, publisher, writer) -> PersonalizerDeps:
+def deps(pool, levels_timer, publisher, writer) -> PersonalizerDeps:
     return PersonalizerDeps(
-        store=store,
+        store=PersonalizerRepository(pool),
         timer=levels_timer,
         publisher=publisher,
         clock=utcnow,
@@ -81,7 +84,9 @@ async def announced(settings) -> AsyncIterator[list[dict[str, Any]]]:
     await connection.close()
 
 
-async def _followup(store: FollowupStore, pool, *, ahead: float = 30, **extra: Any) -> Followup:
+async def _followup(
+    store: SchedulerRepository, pool, *, ahead: float = 30, **extra: Any
+) -> Followup:
     contractor = await add_contractor(pool)
     request = FollowupRequested.model_validate(
         {

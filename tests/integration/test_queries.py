@@ -17,7 +17,7 @@ from shared.queries import (
     pending_by_due,
     stats,
 )
-from shared.store import Reference
+from shared.rows import Reference
 from tests.support.data import add_contractor
 
 NOW = datetime.now(UTC).replace(microsecond=0)

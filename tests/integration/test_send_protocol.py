@@ -18,11 +18,11 @@ from services.dispatcher import send_window
 from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequest
 from services.dispatcher.handlers import DispatcherDeps, handle
 from services.dispatcher.repository import DispatchRepository, GiveUp, Retry, Settlement
-from services.dispatcher.sweep import sweep_once
+from services.dispatcher.sweep import SweepQueries, sweep_once
 from shared.consumer import Incoming
 from shared.migrate import MIGRATIONS_DIR
+from shared.rows import Reference
 from shared.schemas import Status, TimerKind, TimerMessage
-from shared.store import Reference
 from shared.timers import LevelsTimer
 from shared.topology import DISPATCHER_DUE
 from tests.support.data import add_contractor
@@ -86,7 +86,7 @@ def timer() -> RecordingTimer:
 
 @pytest.fixture
 def repository(pool, store) -> DispatchRepository:
-    return DispatchRepository(pool, store)
+    return DispatchRepository(pool)
 
 
 def make_deps(repository, timer, gateway, *, limit: int = 1000, concurrency: int = 5):
@@ -172,7 +172,10 @@ async def test_a_claim_taken_over_leaves_its_old_owner_unable_to_change_anything
     assert (await repository.start_call(first, limit_per_minute=100, lease=LEASE)).lost
     at = datetime.now(UTC) + timedelta(seconds=5)
     assert not await repository.release_for_retry(first, next_attempt_at=at, error="x")
-    assert await repository.finish(first, Status.FAILED, "x", None) == (None, None)
+    ended = await repository.end(
+        first, Status.FAILED, reason="x", plan=None, claim_id=first.claim_id
+    )
+    assert (ended.row, ended.following) == (None, None)
     assert not await repository.renew(first, LEASE)
     slot = await repository.start_call(second, limit_per_minute=100, lease=LEASE)
     assert slot.call_id is not None
@@ -420,7 +423,7 @@ async def test_sent_is_recorded_when_the_broker_refuses_the_next_occurrence_and_
         following["id"],
     )
     report = await sweep_once(
-        store,
+        SweepQueries(pool),
         timer,
         lambda: datetime.now(UTC),
         timedelta(seconds=1),

@@ -11,10 +11,10 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
-from services.dispatcher.sweep import MISSED_PASSES_ALLOWED, Sweeper
+from services.dispatcher.sweep import MISSED_PASSES_ALLOWED, Sweeper, SweepQueries
 from shared.health import OK, Heartbeat, Readiness
 from shared.locks import REPAIR_SWEEP
-from shared.store import Followup, FollowupStore
+from shared.rows import Followup
 from shared.timers import LevelsTimer
 
 INTERVAL = timedelta(milliseconds=50)
@@ -24,7 +24,7 @@ SWEEP_LOCKS = """pg_locks WHERE locktype = 'advisory'
     AND classid = $1 AND objid = $2 AND objsubid = 2"""
 
 
-class FailingStore(FollowupStore):
+class FailingStore(SweepQueries):
     """The real store with nothing to sweep (rows other tests left behind stay untouched),
     whose `overdue` raises while `failing` is set."""
 
@@ -65,7 +65,7 @@ class CountingHeartbeat(Heartbeat):
 async def sweeping(settings, pool, publisher) -> AsyncIterator[Callable[..., Sweeper]]:
     tasks: list[asyncio.Task[None]] = []
 
-    def start(store: FollowupStore, heartbeat: Heartbeat) -> Sweeper:
+    def start(store: SweepQueries, heartbeat: Heartbeat) -> Sweeper:
         sweeper = Sweeper(
             dsn=settings.database_url,
             store=store,

@@ -10,7 +10,7 @@ from services.dispatcher.gateway import (
     classify,
     parse_retry_after,
 )
-from services.dispatcher.handlers import backoff
+from shared.retry_policy import backoff
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shared.pipeline import arm_after_lead, arm_followup, lead_timer_saves_work
+from shared.rows import Followup
 from shared.schemas import TimerKind, TimerMessage
-from shared.store import Followup
 from shared.timers import FIRE_AT_HEADER, WINDOW_HEADER, LevelsTimer, PluginTimer, to_epoch_ms
 from shared.topology import DISPATCHER_DUE, PERSONALIZER_DUE, TIMER_DELIVER_EXCHANGE
 

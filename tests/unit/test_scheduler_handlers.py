@@ -7,12 +7,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.scheduler.handlers import SchedulerDeps, handle, idempotency_key, opt_change
+from services.scheduler.repository import ResponseOutcome, SchedulerStore
 from shared.consumer import Incoming
 from shared.deliveries import CarrierCodes, DeliveryStore
 from shared.errors import Rejected
+from shared.rows import Followup, Reference
 from shared.schemas import FollowupRequested, Status
 from shared.send_rate import RatePolicy
-from shared.store import Followup, FollowupStore, Reference, ResponseOutcome
 from shared.timers import LevelsTimer
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -32,8 +33,9 @@ def _row(status: Status = Status.SCHEDULED) -> Followup:
     return Followup(**values)
 
 
-class FakeStore(FollowupStore):
+class FakeStore(SchedulerStore):
     def __init__(self) -> None:
+        super().__init__()
         self.cancelled: list[tuple[Reference, str]] = []
         self.responses: list[dict] = []
         self.stored: Followup | None = None
