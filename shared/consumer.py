@@ -13,18 +13,13 @@ from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
 from faststream.rabbit.message import RabbitMessage
 
 from shared.bus import Publisher, dead_letter
-from shared.db import CONNECTION_ERRORS
-from shared.errors import Rejected, RetryLater
+from shared.errors import Rejected
 from shared.logging import get_logger
 from shared.metrics import REJECTED
+from shared.retry_policy import RETRY_PAUSES, TRANSIENT
 from shared.topology import WorkQueue
 
 log = get_logger("followups.consumer")
-
-# A transient failure is retried here a few times before the message goes back to the broker,
-# so a database blip does not spend the queue's delivery limit.
-RETRY_PAUSES = (0.2, 0.5, 1.0, 2.0, 4.0)
-TRANSIENT: tuple[type[BaseException], ...] = (RetryLater, *CONNECTION_ERRORS)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,14 @@
 
 FollowupsError
  ├── RetryLater   transient: the message goes back to the broker and is tried again
- └── Rejected     permanent: copied to the dead-letter queue with a reason, never retried
-      └── InvalidMessage   the message itself is malformed (size, JSON, schema, routing key)
+ ├── Rejected     permanent: copied to the dead-letter queue with a reason, never retried
+ │    └── InvalidMessage   the message itself is malformed (size, JSON, schema, routing key)
+ ├── ConfigurationError    a setting is unusable; the process does not start
+ ├── TemplateError         a template can't be rendered (the scheduler rejects it with rule
+ │                         `template`; at send time the follow-up fails)
+ └── InvalidPhone          a number can't receive an SMS (the follow-up fails)
+
+Which failures are transient, how long each retry pauses and when it stops: shared/retry_policy.py.
 """
 
 from __future__ import annotations
@@ -32,3 +38,11 @@ class InvalidMessage(Rejected):
 
 class ConfigurationError(FollowupsError):
     """A setting is unusable; the process must not start with it."""
+
+
+class TemplateError(FollowupsError, ValueError):
+    """The template can't be rendered: bad syntax, an unknown placeholder or a missing source."""
+
+
+class InvalidPhone(FollowupsError, ValueError):
+    """The number can't receive an SMS; the reason never contains the number itself."""

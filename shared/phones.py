@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import phonenumbers
 
-
-class InvalidPhone(ValueError):
-    """The number can't receive an SMS; the reason never contains the number itself."""
+from shared.errors import InvalidPhone as InvalidPhone
 
 
 def to_e164(raw: str | None, default_region: str = "US") -> str:

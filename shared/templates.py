@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+from shared.errors import TemplateError as TemplateError
+
 # placeholder -> (source row, column); a missing value falls back to the default
 PLACEHOLDERS: dict[str, tuple[str, str]] = {
     "first_name": ("contractor", "first_name"),
@@ -22,10 +24,6 @@ PLACEHOLDERS: dict[str, tuple[str, str]] = {
     "event_location": ("event", "location"),
 }
 DEFAULTS = {"first_name": "there"}
-
-
-class TemplateError(ValueError):
-    """The template can't be rendered: bad syntax, an unknown placeholder or a missing source."""
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,8 @@ import httpx
 from standardwebhooks import Webhook
 
 from shared.logging import mask_phone
+from shared.retry_policy import MAX_RETRY_AFTER_SECONDS, transient_status
 
-RETRYABLE_STATUS = frozenset({408, 429})
-MAX_RETRY_AFTER_SECONDS = 3600.0
 # The outcome depends on the status alone. A body up to this size is read, so the connection
 # can be used again; past it the rest is discarded with the connection, so a webhook answering
 # without end can neither hold a call nor fill the dispatcher's memory.
@@ -82,7 +81,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 def classify(status: int, retry_after: str | None, now: datetime) -> GatewayResult:
     if 200 <= status < 300:
         return GatewayResult(Outcome.SENT, f"http_{status}", status)
-    if status in RETRYABLE_STATUS or status >= 500:
+    if transient_status(status):
         return GatewayResult(
             Outcome.RETRY, f"http_{status}", status, parse_retry_after(retry_after, now)
         )

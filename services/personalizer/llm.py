@@ -15,11 +15,11 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 
 from services.personalizer.prompt import Prompt
+from shared.errors import FollowupsError
 from shared.metrics import LLM_LATENCY, LLM_TOKENS
+from shared.retry_policy import LLM_BACKOFF_SECONDS, LLM_MAX_ATTEMPTS
 
-MAX_ATTEMPTS = 3
 ATTEMPT_TIMEOUT_SECONDS = 8.0
-BACKOFF_SECONDS = 0.25
 MIN_ATTEMPT_SECONDS = 0.1  # an attempt with less time than this left is not started
 MAX_COMPLETION_TOKENS = 300
 
@@ -45,7 +45,7 @@ class TextWriter(ABC):
         return None
 
 
-class _Failed(Exception):
+class _Failed(FollowupsError):
     def __init__(self, reason: str, *, retry: bool, wait: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -115,7 +115,7 @@ class OpenAIWriter(TextWriter):
         deadline = loop.time() + budget
         failure = "timeout"
         attempt = 0
-        while attempt < MAX_ATTEMPTS:
+        while attempt < LLM_MAX_ATTEMPTS:
             left = deadline - loop.time()
             if left < MIN_ATTEMPT_SECONDS:
                 break
@@ -128,7 +128,7 @@ class OpenAIWriter(TextWriter):
                 failure = failed.reason
                 if not failed.retry:
                     break
-                pause = max(failed.wait or 0.0, BACKOFF_SECONDS * 2 ** (attempt - 1))
+                pause = max(failed.wait or 0.0, LLM_BACKOFF_SECONDS * 2 ** (attempt - 1))
                 if loop.time() + pause + MIN_ATTEMPT_SECONDS > deadline:
                     break
                 await asyncio.sleep(pause)
