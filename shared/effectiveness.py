@@ -48,13 +48,16 @@ _OPTED_OUT = (
 
 @dataclass(frozen=True)
 class Query:
-    """One panel's query: `name` keys it in `followups stats --json`; `time_series` queries return
-    a `time` column, the others a table."""
+    """One panel's query: `name` keys it in `followups stats --json`; `columns` are the columns it
+    returns, in order (a `group` column is headed `group_heading`); `time_series` queries return a
+    `time` column, the others a table."""
 
     name: str
     title: str
     description: str
     sql: str
+    columns: tuple[str, ...]
+    group_heading: str = ""
     time_series: bool = False
 
 
@@ -72,6 +75,7 @@ GROUP BY 1
 ORDER BY 1"""
 
 
+_RESPONSE_FIGURES = ("group", "sent", "responded", "response_rate", "median_response_seconds")
 _RESPONSE_COLUMNS = (
     "sent, responded (a reply was recorded on it), response rate, and the median time from the"
     " send to the reply"
@@ -82,30 +86,40 @@ RESPONSES = Query(
     "Responses",
     f"Every follow-up sent in the range: {_RESPONSE_COLUMNS}.",
     _responses("'all'::text"),
+    columns=_RESPONSE_FIGURES,
+    group_heading="all",
 )
 BY_TYPE = Query(
     "responses_by_type",
     "Responses by follow-up type",
     f"Per followup_type: {_RESPONSE_COLUMNS}.",
     _responses("f.followup_type"),
+    columns=_RESPONSE_FIGURES,
+    group_heading="follow-up type",
 )
 BY_TONE = Query(
     "responses_by_tone",
     "Responses by tone",
     f"Per message_tone: {_RESPONSE_COLUMNS}.",
     _responses("f.message_tone"),
+    columns=_RESPONSE_FIGURES,
+    group_heading="tone",
 )
 BY_PROMPT_VARIANT = Query(
     "responses_by_prompt_variant",
     "Responses by prompt variant",
     f"Per A/B prompt variant ('(none)': none, e.g. the template): {_RESPONSE_COLUMNS}.",
     _responses("coalesce(f.prompt_variant, '(none)')"),
+    columns=_RESPONSE_FIGURES,
+    group_heading="prompt variant",
 )
 BY_TEXT_SOURCE = Query(
     "responses_by_text_source",
     "Responses: AI text vs template",
     f"Per text source, 'ai' or 'template' (a fallback counts as template): {_RESPONSE_COLUMNS}.",
     _responses("coalesce(f.text_source, '(none)')"),
+    columns=_RESPONSE_FIGURES,
+    group_heading="text source",
 )
 BY_LOCAL_HOUR = Query(
     "responses_by_local_hour",
@@ -113,6 +127,8 @@ BY_LOCAL_HOUR = Query(
     "Per hour of the send on the contractor's clock (their timezone, else the default one):"
     f" {_RESPONSE_COLUMNS}.",
     _responses(f"to_char(f.sent_at AT TIME ZONE {_ZONE}, 'HH24')", join_contractor=True),
+    columns=_RESPONSE_FIGURES,
+    group_heading="local hour",
 )
 
 DELIVERY = Query(
@@ -130,6 +146,7 @@ DELIVERY = Query(
            / nullif(count(f.delivery_status), 0) AS delivery_rate
 FROM contractor_followup_schedules AS f
 WHERE {_SENT_IN_RANGE}""",
+    columns=("sent", "reported", "delivered", "undelivered", "failed", "delivery_rate"),
 )
 
 ERROR_CODES = Query(
@@ -144,6 +161,7 @@ FROM contractor_followup_schedules AS f
 WHERE {_SENT_IN_RANGE} AND f.delivery_status IN ('undelivered', 'failed')
 GROUP BY 1
 ORDER BY reports DESC, error_code""",
+    columns=("error_code", "reports", "share"),
 )
 
 OPT_OUTS = Query(
@@ -160,6 +178,8 @@ FROM contractor_followup_schedules AS f
 WHERE {_SENT_IN_RANGE}
 GROUP BY 1
 ORDER BY 1""",
+    columns=("group", "sent", "opt_outs", "opt_out_rate"),
+    group_heading="follow-up type",
 )
 
 
@@ -190,6 +210,7 @@ FROM (
 ) AS points
 WHERE points.limit_per_minute IS NOT NULL
 ORDER BY points.time, points.part, points.id""",
+    columns=("time", "limit_per_minute"),
     time_series=True,
 )
 

@@ -54,18 +54,24 @@ COLUMNS = {
 }
 
 
-def _overrides() -> list[dict[str, Any]]:
-    return [
-        {
-            "matcher": {"id": "byName", "options": column},
-            "properties": [
-                {"id": "displayName", "value": label},
-                {"id": "unit", "value": unit},
-                *([{"id": "decimals", "value": 1}] if unit == "percentunit" else []),
-            ],
-        }
-        for column, (label, unit) in COLUMNS.items()
-    ]
+def heading(query: fx.Query, column: str) -> str:
+    """How a panel and `followups stats` head a column of `query`."""
+    if column == "group":
+        return query.group_heading
+    return COLUMNS[column][0] if column in COLUMNS else column
+
+
+def _overrides(query: fx.Query) -> list[dict[str, Any]]:
+    overrides = []
+    for column in query.columns:
+        unit = COLUMNS[column][1] if column in COLUMNS else None
+        properties: list[dict[str, Any]] = [{"id": "displayName", "value": heading(query, column)}]
+        if unit:
+            properties.append({"id": "unit", "value": unit})
+        if unit == "percentunit":
+            properties.append({"id": "decimals", "value": 1})
+        overrides.append({"matcher": {"id": "byName", "options": column}, "properties": properties})
+    return overrides
 
 
 def _options(kind: str) -> dict[str, Any]:
@@ -95,7 +101,7 @@ def _panel(query: fx.Query, kind: str, panel_id: int, grid: dict[str, int]) -> d
         "datasource": DATASOURCE,
         "id": panel_id,
         "gridPos": grid,
-        "fieldConfig": {"defaults": defaults, "overrides": _overrides()},
+        "fieldConfig": {"defaults": defaults, "overrides": _overrides(query)},
         "options": _options(kind),
         "targets": [
             {

@@ -21,7 +21,7 @@ from services.cli.common import (
     utcnow,
     with_pool,
 )
-from services.cli.dashboard import COLUMNS
+from services.cli.dashboard import heading
 from services.cli.moments import duration, relative, short
 from shared.effectiveness import QUERIES, Window, figures
 from shared.queries import PENDING, Filter, Stats, Summary, find_followups, history, stats
@@ -316,11 +316,10 @@ def _print_effectiveness(window: Window, effect: dict[str, list[dict[str, Any]]]
         if not rows:
             console.print(f"{query.title}: nothing in this window")
             continue
-        columns = list(rows[0])
-        headers = (COLUMNS.get(c, (c.replace("_", " "),))[0] for c in columns)
+        headers = (heading(query, c) for c in query.columns)
         table = Table(*headers, title=query.title, title_justify="left")
         for row in rows:
-            table.add_row(*(_cell(c, row[c]) for c in columns))
+            table.add_row(*(_cell(c, row[c]) for c in query.columns))
         console.print(table)
 
 

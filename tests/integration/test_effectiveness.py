@@ -163,11 +163,13 @@ def test_the_dashboard_runs_the_module_queries():
     assert dashboard_sql() == {q.name: q.sql for q in fx.QUERIES}
 
 
-async def test_every_column_has_a_heading(known_rows):
+async def test_every_query_returns_the_columns_it_names(known_rows):
     for query in fx.QUERIES:
         rows = await panel(known_rows, query.name)
         assert rows, query.name
-        assert set(rows[0]) <= set(COLUMNS) | {"group", "time"}, query.name
+        assert tuple(rows[0]) == query.columns, query.name
+        assert set(query.columns) <= set(COLUMNS) | {"group", "time"}, query.name
+        assert ("group" in query.columns) == bool(query.group_heading), query.name
 
 
 async def test_responses_overall(known_rows):
