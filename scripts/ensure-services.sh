@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start the local PostgreSQL and RabbitMQ if they are down, and wait until both answer.
+# Start the local PostgreSQL and RabbitMQ if they are down, and wait until both answer; enable
+# RabbitMQ's management API if it is off.
 # Install libfaketime if it is missing: the clock-skew e2e test runs the services under it.
 set -euo pipefail
 
@@ -24,9 +25,22 @@ if ! rabbit_up; then
 fi
 for _ in $(seq 1 90); do
     if pg_up && rabbit_up; then
-        exit 0
+        break
     fi
     sleep 1
 done
-echo "PostgreSQL or RabbitMQ did not come up within 90 s: check 'pg_lsclusters' and 'rabbitmqctl status'" >&2
-exit 1
+if ! pg_up || ! rabbit_up; then
+    echo "PostgreSQL or RabbitMQ did not come up within 90 s: check 'pg_lsclusters' and 'rabbitmqctl status'" >&2
+    exit 1
+fi
+# `followups declare` applies the queue policies through the management API.
+if ! timeout 5 bash -c '</dev/tcp/127.0.0.1/15672' 2>/dev/null; then
+    echo "RabbitMQ's management API is off: enabling it"
+    rabbitmq-plugins --quiet enable rabbitmq_management >/dev/null
+    for _ in $(seq 1 30); do
+        timeout 5 bash -c '</dev/tcp/127.0.0.1/15672' 2>/dev/null && exit 0
+        sleep 1
+    done
+    echo "the management API did not come up on 127.0.0.1:15672: check 'rabbitmq-plugins list'" >&2
+    exit 1
+fi

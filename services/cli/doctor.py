@@ -207,6 +207,86 @@ async def _check_queues(connection: aio_pika.abc.AbstractConnection) -> list[Che
     return checks
 
 
+async def check_policies(settings: Settings) -> list[Check]:
+    """The queue policies `followups declare` puts, as the broker holds them now."""
+    from services.cli.queue_moves import queue_states
+    from shared.policies import Management, ManagementError, policies, shadowing
+
+    limits = settings.queue_limits
+    ours = policies(limits)
+    try:
+        async with Management.from_settings(
+            settings.rabbitmq_url, settings.rabbitmq_management_url
+        ) as api:
+            stored = {str(p["name"]): p for p in await api.policies()}
+            states = await queue_states(api)
+    except ManagementError as exc:
+        return [
+            Check(
+                "queue policies",
+                Level.WARN,
+                str(exc),
+                "the policies can't be checked (or applied by `followups declare`) without it",
+            )
+        ]
+    missing = [p.name for p in ours if p.name not in stored]
+    if missing:
+        return [
+            Check(
+                "queue policies",
+                Level.FAIL,
+                f"missing: {', '.join(missing)} (no delivery limit, dead-letter target or caps)",
+                "run `followups declare`",
+            )
+        ]
+    checks = []
+    changed = [p.name for p in ours if {**p.body(), "name": p.name} != _comparable(stored[p.name])]
+    if changed:
+        checks.append(
+            Check(
+                "queue policies",
+                Level.WARN,
+                f"differ from the settings: {', '.join(changed)}",
+                "`followups declare` puts back the configured values",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "queue policies",
+                Level.OK,
+                f"delivery limit {limits.delivery_limit}; dead letters kept at most "
+                f"{limits.dlq_max_length} and {limits.dlq_max_age_hours:g} h",
+            )
+        )
+    for problem in shadowing(ours, stored.values(), [w.name for w in WORK_QUEUES]):
+        checks.append(Check("queue policies", Level.WARN, problem, "see README, Queue policies"))
+    for state in states:
+        if state.legacy_arguments:
+            checks.append(
+                Check(
+                    f"queue {state.work.name}",
+                    Level.WARN,
+                    f"declared by an earlier release with {', '.join(state.legacy_arguments)}",
+                    "stop the services, then `followups declare --migrate-queues`",
+                )
+            )
+        elif state.holding:
+            checks.append(
+                Check(
+                    f"queue {state.work.name}",
+                    Level.FAIL,
+                    "a move did not finish: messages wait in its holding queue",
+                    "`followups declare --migrate-queues`",
+                )
+            )
+    return checks
+
+
+def _comparable(stored: dict[str, object]) -> dict[str, object]:
+    return {k: stored.get(k) for k in ("name", "pattern", "apply-to", "definition", "priority")}
+
+
 async def check_webhook(settings: Settings) -> list[Check]:
     from shared.errors import ConfigurationError
     from shared.webhook_target import check_webhook_target
@@ -290,6 +370,7 @@ async def check_openai(settings: Settings) -> list[Check]:
 CHECKS: tuple[Callable[[Settings], Awaitable[list[Check]]], ...] = (
     check_database,
     check_broker,
+    check_policies,
     check_webhook,
     check_openai,
 )
@@ -306,7 +387,8 @@ _STYLE = {Level.OK: "green", Level.WARN: "yellow", Level.FAIL: "bold red"}
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Check the database, migrations, broker, timers, queue consumers, webhook and OpenAI.
+    """Check the database, migrations, broker, timers, queue policies and consumers, webhook and
+    OpenAI.
 
     Exits 1 when a check fails, and says how to fix each one. Nothing is sent anywhere.
 

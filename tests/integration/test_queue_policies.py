@@ -5,6 +5,7 @@ moved with their messages. Each test has a vhost of its own: they change the pol
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +14,7 @@ import aio_pika
 import pytest
 
 from shared.bus import AmqpPublisher
-from shared.policies import QueueLimits, dead_letter_policy, policies, work_queue_policy
+from shared.policies import QueueLimits, policies, work_queue_policy
 from shared.settings import DelayBackend, Settings
 from shared.timers import LevelsTimer
 from shared.topology import (
@@ -212,7 +213,6 @@ async def test_a_dead_letter_queue_over_its_cap_drops_its_oldest_and_ages_out(ow
     while await depth(own, dlq) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert await take_all(own, dlq) == []
-    assert dead_letter_policy(QueueLimits()).definition["overflow"] == "drop-head"
 
 
 async def test_queues_of_an_earlier_release_keep_working_and_move_with_their_messages(own):
@@ -307,3 +307,25 @@ async def test_declare_says_how_to_reach_the_management_api(own):
     assert result.exit_code == 1
     assert "RABBITMQ_MANAGEMENT_URL" in result.output
     assert "secret" not in result.output
+
+
+async def test_doctor_sees_missing_changed_and_earlier_release_queues(own):
+    def policy_checks(output: str) -> list[dict[str, Any]]:
+        return [c for c in json.loads(output) if c["name"] == "queue policies"]
+
+    [missing] = policy_checks((await followups(own, "doctor", "--json")).output)
+    assert missing["level"] == "FAIL"
+    assert missing["fix"] == "run `followups declare`"
+
+    await declare_like_an_earlier_release(own)
+    assert (await followups(own, "declare")).exit_code == 0
+    checks = json.loads((await followups(own, "doctor", "--json")).output)
+    [applied] = [c for c in checks if c["name"] == "queue policies"]
+    assert applied["level"] == "ok"
+    assert "delivery limit 5" in applied["detail"]
+    inbox = [c for c in checks if c["name"] == f"queue {SCHEDULER_INBOX.name}"]
+    assert any("earlier release" in c["detail"] for c in inbox)
+
+    [changed] = policy_checks((await followups(own, "doctor", "--json", DELIVERY_LIMIT="9")).output)
+    assert changed["level"] == "warn"
+    assert "followups.scheduler.inbox" in changed["detail"]
