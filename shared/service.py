@@ -101,13 +101,20 @@ def create_service_app(
         backend = await when_reachable(
             "broker", log, lambda: resolve_backend(settings.rabbitmq_url, settings.delay_backend)
         )
-        await when_reachable(
+        legacy = await when_reachable(
             "broker",
             log,
             lambda: declare_topology(
                 settings.rabbitmq_url, backend=backend, queue_type=settings.delay_queue_type
             ),
         )
+        if legacy:
+            # They work as before; only their policy can't change them (README: Queue policies).
+            log.warning(
+                "work queues declared by an earlier release",
+                queues=legacy,
+                fix="stop the services, then `followups declare --migrate-queues`",
+            )
         await when_reachable("broker", log, publisher.connect)
         pool = await when_reachable(
             "database",
