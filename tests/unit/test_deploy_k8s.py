@@ -1,4 +1,5 @@
-"""Every Kubernetes manifest validates offline against the Kubernetes schemas, overlays included.
+"""Every Kubernetes manifest validates offline against the Kubernetes schemas, overlays included;
+migrations, autoscaling, the broker and its access fit together.
 
 The overlays are rendered here by a small kustomize of our own (the features k8s/ uses), because
 kubectl may be missing where the tests run; where it exists, the two renderings must agree.
@@ -7,6 +8,7 @@ kubectl may be missing where the tests run; where it exists, the two renderings 
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,15 +19,30 @@ import pytest
 import yaml
 
 from shared.settings import Settings
+from shared.topology import WORK_QUEUES
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "prod")
 KUBERNETES_VERSION = "1.33.0"
 # Custom resources of operators; their schemas are not in kubernetes-validate.
-CUSTOM_KINDS = {"RabbitmqCluster": "rabbitmq.com/v1beta1", "PodMonitor": "monitoring.coreos.com/v1"}
+CUSTOM_KINDS = {
+    "RabbitmqCluster": "rabbitmq.com/v1beta1",
+    "Vhost": "rabbitmq.com/v1beta1",
+    "User": "rabbitmq.com/v1beta1",
+    "Permission": "rabbitmq.com/v1beta1",
+    "PodMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
+    "TriggerAuthentication": "keda.sh/v1alpha1",
+}
 CLUSTER_SCOPED = {"Namespace"}
 SETTINGS_VARIABLES = {name.upper() for name in Settings.model_fields}
+# Not settings: the parts of RABBITMQ_URL, from the broker user's generated Secret.
+URL_PARTS = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
+USER_SECRET = "followups-user-credentials"
+SERVICES = ("scheduler", "personalizer", "dispatcher")
+AUTOSCALED = {"followups-scheduler", "followups-personalizer"}
 
 Doc = dict[str, Any]
 
@@ -146,8 +163,11 @@ def test_every_manifest_file_parses_and_validates():
 def test_rendered_overlay_validates(overlay):
     name, docs = overlay
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ServiceAccount", "ConfigMap", "Job", "PodDisruptionBudget"} <= kinds
-    assert {"HorizontalPodAutoscaler", "RabbitmqCluster", "Namespace"} <= kinds
+    assert {"Deployment", "ServiceAccount", "ConfigMap", "PodDisruptionBudget"} <= kinds
+    assert {"ScaledObject", "TriggerAuthentication", "RabbitmqCluster", "Namespace"} <= kinds
+    assert {"Vhost", "User", "Permission"} <= kinds
+    # Neither a migration Job (the init containers migrate) nor a CPU autoscaler (KEDA scales).
+    assert not {"Job", "HorizontalPodAutoscaler"} & kinds
     for doc in docs:
         if doc["kind"] in CUSTOM_KINDS:
             assert doc["apiVersion"] == CUSTOM_KINDS[doc["kind"]]
@@ -209,20 +229,142 @@ def test_services_are_hardened_and_probed(overlay):
 def test_disruption_budgets_and_autoscalers(overlay):
     _, docs = overlay
     budgets = {
-        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]: d["spec"]
         for d in docs
         if d["kind"] == "PodDisruptionBudget"
     }
-    assert budgets >= {d["metadata"]["name"] for d in ours(docs, "Deployment")}
-    scaled = {
-        d["spec"]["scaleTargetRef"]["name"]: d["spec"]
-        for d in ours(docs, "HorizontalPodAutoscaler")
-    }
+    deployments = {d["metadata"]["name"]: d for d in ours(docs, "Deployment")}
+    assert set(budgets) >= set(deployments)
+    for name in deployments:
+        # Right for any replica count an autoscaler picks, and never blocks a drain.
+        assert budgets[name] == {"maxUnavailable": 1, "selector": budgets[name]["selector"]}
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d["spec"] for d in ours(docs, "ScaledObject")}
     # The send rate limit is global: more dispatchers never send faster.
-    assert set(scaled) == {"followups-scheduler", "followups-personalizer"}
-    replicas = {d["metadata"]["name"]: d["spec"]["replicas"] for d in ours(docs, "Deployment")}
-    for target, spec in scaled.items():
-        assert spec["minReplicas"] <= replicas[target] <= spec["maxReplicas"]
+    assert set(scaled) == AUTOSCALED
+    for name, deployment in deployments.items():
+        # An apply would reset what the autoscaler chose.
+        assert ("replicas" in deployment["spec"]) == (name not in AUTOSCALED), name
+    assert deployments["followups-dispatcher"]["spec"]["replicas"] >= 1
+    for spec in scaled.values():
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+
+
+def test_scalers_read_the_depth_of_the_queue_each_service_consumes(overlay):
+    _, docs = overlay
+    namespace = next(d for d in docs if d["kind"] == "Namespace")["metadata"]["name"]
+    config = next(d for d in docs if d["metadata"]["name"] == "followups-config")["data"]
+    (auth,) = [d for d in docs if d["kind"] == "TriggerAuthentication"]
+    assert {(r["parameter"], r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == {
+        ("username", USER_SECRET, "username"),
+        ("password", USER_SECRET, "password"),
+    }
+    (vhost,) = [d["spec"]["name"] for d in docs if d["kind"] == "Vhost"]
+    queues = {work.name for work in WORK_QUEUES}
+    scheduler_app = (ROOT / "services/scheduler/app.py").read_text()
+    per_replica = {
+        "followups-scheduler": int(re.search(r"prefetch=(\d+)", scheduler_app)[1]),
+        "followups-personalizer": int(
+            config.get(
+                "PERSONALIZE_CONCURRENCY", Settings.model_fields["personalize_concurrency"].default
+            )
+        ),
+    }
+    consumed = {
+        "followups-scheduler": "followups.scheduler.inbox",
+        "followups-personalizer": "followups.personalizer.due",
+    }
+    for scaled in ours(docs, "ScaledObject"):
+        target = scaled["spec"]["scaleTargetRef"]["name"]
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        metadata = trigger["metadata"]
+        assert metadata["queueName"] == consumed[target]
+        assert metadata["queueName"] in queues
+        assert metadata["vhostName"] == vhost
+        assert metadata["mode"] == "QueueLength"
+        assert int(metadata["value"]) == per_replica[target], target
+        # Read from KEDA's namespace: the Service by its full name, on the management port.
+        assert metadata["protocol"] == "http"
+        assert metadata["host"] == f"http://followups-rabbitmq.{namespace}.svc:15672/"
+
+
+def test_every_service_migrates_before_it_starts(overlay):
+    _, docs = overlay
+    for deployment in ours(docs, "Deployment"):
+        pod = _pod(deployment)
+        (init,) = pod["initContainers"]
+        (service,) = pod["containers"]
+        assert init["command"] == ["/bin/sh", "-c", "followups migrate && followups declare"]
+        assert init["image"] == service["image"]
+        assert init["envFrom"] == service["envFrom"]
+        assert init["env"] == service["env"]
+        security = init["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert set(init["resources"]) == {"requests", "limits"}
+
+
+def test_services_reach_the_broker_as_their_own_user_in_their_vhost(overlay):
+    _, docs = overlay
+    (vhost,) = [d for d in docs if d["kind"] == "Vhost"]
+    (user,) = [d for d in docs if d["kind"] == "User"]
+    (permission,) = [d for d in docs if d["kind"] == "Permission"]
+    (cluster,) = [d for d in docs if d["kind"] == "RabbitmqCluster"]
+    for doc in (vhost, user, permission):
+        assert doc["spec"]["rabbitmqClusterReference"]["name"] == cluster["metadata"]["name"]
+    assert vhost["spec"]["deletionPolicy"] == "retain"
+    assert permission["spec"]["vhost"] == vhost["spec"]["name"]
+    assert permission["spec"]["userReference"]["name"] == user["metadata"]["name"]
+    # The topology operator names the generated Secret after the User.
+    assert f"{user['metadata']['name']}-user-credentials" == USER_SECRET
+    for deployment in ours(docs, "Deployment"):
+        for container in _containers(deployment):
+            env = {e["name"]: e for e in container["env"]}
+            for part, key in (("RABBITMQ_USERNAME", "username"), ("RABBITMQ_PASSWORD", "password")):
+                assert env[part]["valueFrom"]["secretKeyRef"] == {"name": USER_SECRET, "key": key}
+            assert env["RABBITMQ_URL"]["value"] == (
+                "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)"
+                f"@{cluster['metadata']['name']}:5672/{vhost['spec']['name']}"
+            )
+            # Kubernetes expands $(VAR) only for variables defined before it.
+            names = [e["name"] for e in container["env"]]
+            assert names.index("RABBITMQ_URL") > max(names.index(p) for p in URL_PARTS)
+
+
+def test_the_broker_runs_the_current_4x_series_everywhere():
+    images = {
+        overlay: next(
+            d for d in render(K8S / "overlays" / overlay) if d["kind"] == "RabbitmqCluster"
+        )["spec"]["image"]
+        for overlay in OVERLAYS
+    }
+    dockerfile = (ROOT / "deploy/rabbitmq/Dockerfile").read_text()
+    (compose_version,) = re.findall(r"^ARG RABBITMQ_VERSION=(\S+)$", dockerfile, re.MULTILINE)
+    for image in images.values():
+        assert image == f"rabbitmq:{compose_version}-management"
+    assert compose_version.startswith("4.")
+
+
+def test_prod_broker_survives_a_node_or_zone_loss():
+    docs = render(K8S / "overlays" / "prod")
+    (cluster,) = [d for d in docs if d["kind"] == "RabbitmqCluster"]
+    spec = cluster["spec"]
+    assert spec["resources"]["requests"] == spec["resources"]["limits"]
+    selector = {"app.kubernetes.io/name": cluster["metadata"]["name"]}
+    (budget,) = [
+        d
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget" and d["spec"]["selector"]["matchLabels"] == selector
+    ]
+    assert budget["spec"]["maxUnavailable"] == 1
+    pod = spec["override"]["statefulSet"]["spec"]["template"]["spec"]
+    (zones,) = pod["topologySpreadConstraints"]
+    assert zones["topologyKey"] == "topology.kubernetes.io/zone"
+    assert zones["whenUnsatisfiable"] == "DoNotSchedule"
+    assert zones["labelSelector"]["matchLabels"] == selector
+    hosts = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert hosts[0]["topologyKey"] == "kubernetes.io/hostname"
 
 
 def test_prod_runs_quorum_queues_on_three_rabbitmq_nodes():
@@ -244,7 +386,7 @@ def _env_names(docs: list[Doc]) -> set[str]:
         for container in _containers(doc):
             if "followups" in container.get("image", ""):
                 names |= {env["name"] for env in container.get("env", [])}
-    return names
+    return names - URL_PARTS
 
 
 def test_kubernetes_sets_only_variables_the_settings_know(overlay):
