@@ -18,7 +18,6 @@ from shared.policies import QueueLimits, policies, work_queue_policy
 from shared.settings import DelayBackend, Settings
 from shared.timers import LevelsTimer
 from shared.topology import (
-    DEAD_LETTER_EXCHANGE,
     DISPATCHER_DUE,
     PUBLIC_EXCHANGE,
     SCHEDULER_INBOX,
@@ -28,7 +27,7 @@ from shared.topology import (
 )
 from testbed.infra import Infra
 from tests.support.cli import followups
-from tests.support.policies import applied_policy, management
+from tests.support.policies import applied_policy, declare_like_an_earlier_release, management
 
 PATIENCE_SECONDS = 30.0
 
@@ -45,36 +44,6 @@ async def own() -> AsyncIterator[Settings]:
         )
     finally:
         await infra.drop()
-
-
-def legacy_arguments(work: Any) -> dict[str, Any]:
-    """How the releases before the policies declared a work queue."""
-    return {
-        "x-queue-type": "quorum",
-        "x-delivery-limit": 5,
-        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-        "x-dead-letter-routing-key": work.dead_letter_queue,
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
-    }
-
-
-async def declare_like_an_earlier_release(settings: Settings) -> None:
-    connection = await aio_pika.connect(settings.rabbitmq_url)
-    async with connection:
-        channel = await connection.channel()
-        public = await channel.declare_exchange(PUBLIC_EXCHANGE, "topic", durable=True)
-        dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, "direct", durable=True)
-        for work in WORK_QUEUES:
-            dlq = await channel.declare_queue(
-                work.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
-            )
-            await dlq.bind(dlx, routing_key=work.dead_letter_queue)
-            queue = await channel.declare_queue(
-                work.name, durable=True, arguments=legacy_arguments(work)
-            )
-            for key in work.bindings:
-                await queue.bind(public, routing_key=key)
 
 
 async def publish(settings: Settings, queue: str, *bodies: bytes, **headers: Any) -> None:

@@ -1,4 +1,5 @@
-"""Queue policies for the tests' own queues, and reading back what the broker applied."""
+"""Queue policies for the tests' own queues, reading back what the broker applied, and the work
+queues as the releases before the policies declared them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aio_pika
+
 from shared.policies import Management, QueueLimits, work_queue_policy
 from shared.settings import Settings
-from shared.topology import WorkQueue
+from shared.topology import DEAD_LETTER_EXCHANGE, PUBLIC_EXCHANGE, WORK_QUEUES, WorkQueue
 
 # The management API shows a queue's policy with its statistics, every 5 s by default.
 STATS_PATIENCE_SECONDS = 30.0
@@ -43,3 +46,33 @@ async def applied_policy(api: Management, queue: str, name: str) -> dict[str, An
         if info.get("policy") == name or time.monotonic() > deadline:
             return info
         await asyncio.sleep(0.5)
+
+
+def legacy_arguments(work: WorkQueue) -> dict[str, Any]:
+    """How the releases before the policies declared a work queue."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 5,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-routing-key": work.dead_letter_queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+async def declare_like_an_earlier_release(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        public = await channel.declare_exchange(PUBLIC_EXCHANGE, "topic", durable=True)
+        dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, "direct", durable=True)
+        for work in WORK_QUEUES:
+            dlq = await channel.declare_queue(
+                work.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await dlq.bind(dlx, routing_key=work.dead_letter_queue)
+            queue = await channel.declare_queue(
+                work.name, durable=True, arguments=legacy_arguments(work)
+            )
+            for key in work.bindings:
+                await queue.bind(public, routing_key=key)
