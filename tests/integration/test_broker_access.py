@@ -1,7 +1,8 @@
 """The services' broker account in Kubernetes (k8s/base/rabbitmq-access.yaml) is enough for
 everything they do in their vhost, and no more: a user with exactly those permission patterns
-declares the topology, publishes a command and a dead-letter copy, reads a queue and follows
-events on a server-named queue, and is refused a name outside the project's."""
+and tags runs `followups declare` (the topology, and the queue policies through the management
+API), publishes a command and a dead-letter copy, reads a queue and follows events on a
+server-named queue, and is refused a name outside the project's."""
 
 from __future__ import annotations
 
@@ -15,19 +16,23 @@ import aiormq.exceptions
 import pytest
 import yaml
 
+from services.cli.declaring import declare_broker
 from shared.bus import AmqpPublisher
-from shared.settings import DelayBackend
-from shared.timers import resolve_backend
-from shared.topology import PUBLIC_EXCHANGE, SCHEDULER_INBOX, declare_topology
+from shared.settings import Settings
+from shared.topology import PUBLIC_EXCHANGE, SCHEDULER_INBOX
 from testbed.infra import rabbitmqctl
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def permission_patterns() -> dict[str, str]:
+def access(kind: str) -> dict:
     docs = yaml.safe_load_all((ROOT / "k8s/base/rabbitmq-access.yaml").read_text())
-    (permission,) = [d for d in docs if d["kind"] == "Permission"]
-    return permission["spec"]["permissions"]
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc["spec"]
+
+
+def permission_patterns() -> dict[str, str]:
+    return access("Permission")["permissions"]
 
 
 @pytest.fixture
@@ -40,6 +45,7 @@ def restricted_url():
     try:
         rabbitmqctl("add_user", user, password)
         try:
+            rabbitmqctl("set_user_tags", user, *access("User")["tags"])
             rabbitmqctl(
                 "set_permissions",
                 "-p",
@@ -57,8 +63,8 @@ def restricted_url():
 
 
 async def test_the_services_account_does_all_they_do_in_their_vhost(restricted_url):
-    backend = await resolve_backend(restricted_url, DelayBackend.AUTO)
-    await declare_topology(restricted_url, backend=backend.value, queue_type="quorum")
+    declared = await declare_broker(Settings(rabbitmq_url=restricted_url, delay_backend="auto"))
+    assert declared.policies
     async with AmqpPublisher(restricted_url, name="tests") as publisher:
         await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key="followup.requested")
         await publisher.publish(b"{}", exchange="", routing_key=SCHEDULER_INBOX.dead_letter_queue)
@@ -80,5 +86,6 @@ async def test_the_services_account_does_all_they_do_in_their_vhost(restricted_u
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
             await channel.declare_queue("elsewhere", durable=True)
     print(
-        f"\nbackend {backend.value}: topology, publishing, consuming under {permission_patterns()}"
+        f"\nbackend {declared.backend}, policies {declared.policies}: declared, published and"
+        f" consumed under {permission_patterns()}, tags {access('User')['tags']}"
     )
