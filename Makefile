@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(LOCKS) pyproject.toml | sha1sum | cut 
 # Both locks are written from pyproject.toml with hashes; the dev lock keeps the runtime's versions.
 UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes --quiet
 
-.PHONY: help install lock services run test test-unit test-integration test-e2e lint format typecheck check docs bench chaos cluster clean
+.PHONY: help install lock services run test test-unit test-integration test-e2e lint format typecheck check docs bench chaos cluster n8n-check clean
 
 help:
 	@echo "make run        install, migrate, declare the topology, run the three services"
@@ -18,6 +18,7 @@ help:
 	@echo "make lock       rewrite requirements.lock and requirements-dev.lock from pyproject.toml"
 	@echo "make bench      benchmarks (not part of make test)"
 	@echo "make cluster    3-node RabbitMQ cluster, kill a node mid-run: no timer lost (needs root)"
+	@echo "make n8n-check  the n8n gateway workflow in a real n8n (N8N_BIN=.../n8n; not in make test)"
 
 $(STAMP): $(LOCKS) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +74,7 @@ docs: install
 	$(BIN)/followups docs asyncapi --out docs/asyncapi.json
 	$(BIN)/followups topology export --out deploy/rabbitmq/definitions.json
 	$(BIN)/followups docs effectiveness-dashboard --out deploy/grafana/effectiveness.json
+	$(BIN)/python -m deploy.n8n.workflow --out deploy/n8n/followups-gateway.json
 
 chaos: install services
 	$(BIN)/pytest -m chaos tests/chaos -s
@@ -85,6 +87,11 @@ bench: install services
 # A few minutes; starts three RabbitMQ nodes of its own beside the machine's (see README).
 cluster: install services
 	$(BIN)/python -m cluster
+
+# A few minutes; an n8n installed outside the repo (deploy/n8n/README.md, Tests).
+N8N_BIN ?= n8n
+n8n-check: install services
+	N8N_BIN=$(N8N_BIN) $(BIN)/python -m deploy.n8n.check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -34,6 +34,7 @@ from deploy.n8n.workflow import (
     CREDENTIALS,
     DELIVERY_REPORTED,
     PUBLIC_EXCHANGE,
+    SCHEMA_FILE,
     SMS_PATH,
     STATUS_PATH,
     WORKFLOW_FILE,
@@ -47,7 +48,6 @@ from shared.topology import declare_topology
 from testbed.infra import Infra
 from testbed.loopback import free_port
 
-HERE = Path(__file__).resolve().parent
 START_TIMEOUT_SECONDS = 180.0
 ACCOUNT_SID = "AC" + "0" * 32
 FROM_NUMBER = "+15005550006"
@@ -196,7 +196,7 @@ async def run(binary: str, folder: Path) -> Report:
     try:
         await declare_topology(infra.rabbitmq_url, backend="levels", queue_type="quorum")
         db = await asyncpg.connect(infra.database_url)
-        await db.execute((HERE / "schema.sql").read_text())
+        await db.execute(SCHEMA_FILE.read_text())
         connection = await aio_pika.connect(infra.rabbitmq_url)
         channel = await connection.channel()
         queue = await channel.declare_queue(exclusive=True)
@@ -251,6 +251,15 @@ async def run(binary: str, folder: Path) -> Report:
             report.check(
                 form.get("StatusCallback") == f"{n8n.url(STATUS_PATH)}?key={first.idempotency_key}",
                 "the status callback URL carries the Idempotency-Key",
+            )
+
+            row = await db.fetchrow(
+                "SELECT state, message_sid FROM followups_gateway_sends WHERE idempotency_key = $1",
+                first.idempotency_key,
+            )
+            report.check(
+                row is not None and (row["state"], row["message_sid"]) == ("sent", sent[0].sid),
+                "the key is recorded sent, with Twilio's message SID",
             )
 
         again = await send(first)

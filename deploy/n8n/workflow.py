@@ -16,6 +16,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 WORKFLOW_FILE = HERE / "followups-gateway.json"
 CODE = HERE / "code"
+SCHEMA_FILE = HERE / "schema.sql"
 
 NAME = "followups SMS gateway"
 SMS_PATH = "followups-sms"
