@@ -40,6 +40,12 @@ _LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:|^//")
 _TEST_REFERENCE = re.compile(r"\b(tests/[\w/]+\.py)::(\w+)(?:::(\w+))?")
 _TEST_FILE = re.compile(r"\b(tests/[\w/]+\.py)\b")
+_TREES = "shared|services|tests|testbed|bench|cluster|deploy|k8s|examples|docs|scripts"
+_REPO_PATH = re.compile(rf"`((?:{_TREES})/[\w./-]*)`")
+# Written by a run, git-ignored: named in the docs, absent from a checkout.
+_RUN_OUTPUT = ("bench/results",)
+# `a/file.py` `name`, or `a/file.py` (`name`, `other`): names the file must hold
+_NAMES_IN_FILE = re.compile(r"`((?:shared|services)/[\w/]+\.py)`\s+(?:\(([^)]*)\)|`([\w.]+)`)")
 
 
 def markdown_files() -> list[Path]:
@@ -200,6 +206,24 @@ def test_every_test_file_the_docs_name_exists():
         named |= set(_TEST_FILE.findall(path.read_text(encoding="utf-8")))
     assert named, "the docs name test files"
     assert sorted(f for f in named if not (ROOT / f).is_file()) == []
+
+
+def test_every_file_and_name_the_docs_point_at_exists():
+    missing = []
+    for path in sorted(DOCS.glob("*.md")):
+        text = path.read_text(encoding="utf-8").replace("\n", " ")
+        for named in _REPO_PATH.findall(text):
+            if not named.startswith(_RUN_OUTPUT) and not (ROOT / named.rstrip("/")).exists():
+                missing.append(f"{path.name}: {named}")
+        for file, listed, single in _NAMES_IN_FILE.findall(text):
+            source = ROOT / file
+            if not source.is_file():
+                continue  # reported above
+            code = source.read_text(encoding="utf-8")
+            for name in re.findall(r"`([\w.]+)`", listed) if listed else [single]:
+                if not re.search(rf"\b{re.escape(name.rsplit('.', 1)[-1])}\b", code):
+                    missing.append(f"{path.name}: {name} in {file}")
+    assert missing == []
 
 
 def test_the_readme_contents_list_every_section_in_order():
