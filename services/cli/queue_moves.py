@@ -65,6 +65,7 @@ async def queue_states(management: Management) -> list[QueueState]:
 
 
 def _copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+    # Without user_id: the broker checks it against the publishing connection's user.
     headers = {k: v for k, v in (message.headers or {}).items() if k not in _DROPPED_HEADERS}
     return aio_pika.Message(
         message.body,
