@@ -344,6 +344,18 @@ async def run(binary: str, folder: Path) -> Report:
             "Twilio answers 503: the dispatcher retries, and the retry sends once",
         )
 
+        lost = _sms("+14155552677", 7)
+        twilio.hang_up.add(lost.phone)
+        unanswered = await send(lost)
+        twilio.hang_up.discard(lost.phone)
+        retry = await send(lost)
+        report.check(
+            (unanswered.http_status, retry.outcome, retry.http_status) == (502, Outcome.FAILED, 409)
+            and len(twilio.sent_to(lost.phone)) == 1,
+            "Twilio takes the SMS but never answers: 502, and the retry is refused (409), "
+            "not sent again",
+        )
+
         await n8n.stop()
         await n8n.start()
         after = await send(first)

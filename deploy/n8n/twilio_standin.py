@@ -62,13 +62,15 @@ class SentMessage:
 @dataclass
 class TwilioStandIn:
     """Answers POST /2010-04-01/Accounts/{sid}/Messages.json as Twilio does (201 and the message
-    resource), or with `refuse_to`'s status and Twilio's error body for those numbers."""
+    resource), or with `refuse_to`'s status and Twilio's error body for those numbers; for a
+    number in `hang_up` it takes the message and closes the connection without answering."""
 
     account_sid: str
     auth_token: str
     cert: Path
     key: Path
     refuse_to: dict[str, tuple[int, int]] = field(default_factory=dict)  # To -> (status, code)
+    hang_up: set[str] = field(default_factory=set)
     messages: list[SentMessage] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
@@ -119,6 +121,8 @@ class TwilioStandIn:
         }
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         status, answer = self._answer(method, path, headers, body)
+        if answer.get("to") in self.hang_up:
+            return False
         payload = json.dumps(answer).encode()
         writer.write(
             f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"

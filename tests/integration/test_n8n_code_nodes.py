@@ -152,15 +152,12 @@ async def test_a_missing_secret_or_crypto_module_stops_the_node():
 
 
 @pytest.fixture(scope="module")
-async def gateway_db() -> AsyncIterator[asyncpg.Pool]:
-    infra = Infra.create("n8n")
-    try:
-        pool = await asyncpg.create_pool(infra.database_url, min_size=1, max_size=12)
-        await pool.execute(SCHEMA_FILE.read_text())
-        yield pool
-        await pool.close()
-    finally:
-        await infra.drop()
+async def gateway_db(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
+    """The key table in the session's test database; each test uses keys of its own."""
+    pool = await asyncpg.create_pool(infra.database_url, min_size=1, max_size=12)
+    await pool.execute(SCHEMA_FILE.read_text())
+    yield pool
+    await pool.close()
 
 
 def verified(key: str) -> list[dict[str, Any]]:
