@@ -57,16 +57,16 @@ async def _log_cancels(connection: asyncpg.Connection, rows: list[Followup], rea
 def _cancel_set(reason: str) -> str:
     """SET of a cancel (`reason` the parameter holding it) of a pending row `f`: at once, unless
     its webhook call is under way; then it is kept for the dispatcher to apply after the call."""
-    now = cancellable("f")
+    at_once = cancellable("f")
     return f"""
-    status = CASE WHEN {now} THEN 'cancelled' ELSE f.status END,
-    status_reason = CASE WHEN {now} THEN {reason} ELSE f.status_reason END,
-    version = f.version + CASE WHEN {now} THEN 1 ELSE 0 END,
-    lease_until = CASE WHEN {now} THEN NULL ELSE f.lease_until END,
-    claim_id = CASE WHEN {now} THEN NULL ELSE f.claim_id END,
-    cancel_requested_at = CASE WHEN {now} THEN f.cancel_requested_at
+    status = CASE WHEN {at_once} THEN 'cancelled' ELSE f.status END,
+    status_reason = CASE WHEN {at_once} THEN {reason} ELSE f.status_reason END,
+    version = f.version + CASE WHEN {at_once} THEN 1 ELSE 0 END,
+    lease_until = CASE WHEN {at_once} THEN NULL ELSE f.lease_until END,
+    claim_id = CASE WHEN {at_once} THEN NULL ELSE f.claim_id END,
+    cancel_requested_at = CASE WHEN {at_once} THEN f.cancel_requested_at
                                ELSE coalesce(f.cancel_requested_at, now()) END,
-    cancel_reason = CASE WHEN {now} THEN f.cancel_reason
+    cancel_reason = CASE WHEN {at_once} THEN f.cancel_reason
                          ELSE coalesce(f.cancel_reason, {reason}) END,
     updated_at = now()"""
 

@@ -1,0 +1,208 @@
+"""The dispatcher's handler carrying out its decisions, on a fake record that implements the
+repository's Protocol with a constructor of its own, a fake gateway and a recording publisher
+(no broker, no database)."""
+
+import asyncio
+import dataclasses
+import json
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequest
+from services.dispatcher.handlers import DispatcherDeps, handle
+from services.dispatcher.ports import DispatchStore, GiveUp, Retry, Sent, Settled, Settlement
+from services.dispatcher.send_window import CallSlot
+from shared.consumer import Incoming
+from shared.occurrences import Ending
+from shared.rows import Contractor, Followup, SendContext
+from shared.schemas import Status, TimerKind, TimerMessage
+from shared.settings import QuietHours
+from shared.timers import LevelsTimer
+from shared.topology import DEAD_LETTER_EXCHANGE, DISPATCHER_DUE, PUBLIC_EXCHANGE
+
+NOW = datetime(2026, 11, 28, 17, 0, tzinfo=UTC)  # noon in New York
+
+
+def _row(**changes) -> Followup:
+    values = {field.name: None for field in dataclasses.fields(Followup)}
+    values.update(
+        id=9,
+        version=1,
+        contractor_id=1,
+        status=Status.SENDING,
+        scheduled_time=NOW,
+        followup_type="w9_reminder",
+        message_template="Hi {first_name}",
+        ai_should_personalize=False,
+        skip_if_completed=False,
+        is_recurring=False,
+        attempts=1,
+        send_key="00000000-0000-0000-0000-000000000009",
+    )
+    values.update(changes)
+    return Followup(**values)
+
+
+def _context(**contractor) -> SendContext:
+    person = Contractor(1, "Ana", "Diaz", "Diaz Roofing", "+12125550100", None, False)
+    return SendContext(dataclasses.replace(person, **contractor), None, None)
+
+
+class FakeRecord(DispatchStore):
+    """Hands out one claimed row and records what the handler asked of it."""
+
+    def __init__(self, row: Followup, context: SendContext | None) -> None:
+        super().__init__()
+        self.row = row
+        self.context = context
+        self.calls: list[tuple[str, dict]] = []
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    async def claim(self, followup_id, version, lease, early):
+        return self.row, self.context
+
+    async def start_call(self, row, *, limit_per_minute, lease):
+        return CallSlot(call_id=1, frees_at=None)
+
+    async def release_for_retry(self, row, **kwargs):
+        self.calls.append(("release_for_retry", kwargs))
+        return True
+
+    async def pause_gateway(self, until, reason, *, policy, followup_id):
+        self.calls.append(("pause_gateway", {"until": until, "reason": reason}))
+
+    async def end(self, row, status, *, reason, plan, claim_id=None):
+        self.calls.append(("end", {"status": status, "reason": reason, "claim_id": claim_id}))
+        return Ending(dataclasses.replace(row, status=status, status_reason=reason))
+
+    async def mark_sent(self, row, **kwargs):
+        self.calls.append(("mark_sent", kwargs))
+        return Sent(dataclasses.replace(row, status=Status.SENT), None, None)
+
+    async def settle_unsent(self, row, *, call_id, outcome, http_status, then, arm_moved):
+        self.calls.append(("settle_unsent", {"then": then, "outcome": outcome}))
+        if isinstance(then, Retry):
+            await then.arm()
+            return Settled(Settlement.RETRY, row)
+        failed = dataclasses.replace(row, status=Status.FAILED, status_reason=then.reason)
+        return Settled(Settlement.FAILED, failed)
+
+
+class FakeGateway(Gateway):
+    sent_by = "dispatcher"
+
+    def __init__(self, result: GatewayResult) -> None:
+        self.result = result
+        self.requests: list[SmsRequest] = []
+
+    async def send(self, request: SmsRequest) -> GatewayResult:
+        self.requests.append(request)
+        return self.result
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, bytes]] = []
+
+    async def publish(
+        self, body, *, exchange, routing_key, headers=None, priority=None, mandatory=True
+    ):
+        self.published.append((exchange, routing_key, body))
+
+    def events(self) -> list[str]:
+        return [key for exchange, key, _ in self.published if exchange == PUBLIC_EXCHANGE]
+
+    def dead_letters(self) -> list[str]:
+        return [key for exchange, key, _ in self.published if exchange == DEAD_LETTER_EXCHANGE]
+
+    def timers(self) -> list[dict]:
+        skip = (PUBLIC_EXCHANGE, DEAD_LETTER_EXCHANGE)
+        return [json.loads(body) for exchange, _, body in self.published if exchange not in skip]
+
+
+def _deps(record, gateway, publisher, *, quiet_hours=None) -> DispatcherDeps:
+    return DispatcherDeps(
+        repository=record,
+        timer=LevelsTimer(publisher, lambda: NOW),
+        publisher=publisher,
+        gateway=gateway,
+        clock=lambda: NOW,
+        rate_limit_per_minute=100,
+        max_attempts=3,
+        lease=timedelta(seconds=30),
+        personalize_lead=timedelta(seconds=60),
+        quiet_hours=quiet_hours,
+        default_zone=ZoneInfo("America/New_York"),
+        margin=timedelta(milliseconds=250),
+        calls_in_flight=asyncio.Semaphore(2),
+    )
+
+
+def _due() -> Incoming:
+    message = TimerMessage(kind=TimerKind.DISPATCH, followup_id=9, version=1, fire_at=NOW)
+    return Incoming(message.model_dump_json().encode(), DISPATCHER_DUE.name)
+
+
+@pytest.fixture
+def publisher() -> FakePublisher:
+    return FakePublisher()
+
+
+async def test_a_sent_follow_up_is_recorded_and_announced(publisher):
+    record = FakeRecord(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(_due(), _deps(record, gateway, publisher))
+    assert [r.message for r in gateway.requests] == ["Hi Ana"]
+    assert record.names() == ["mark_sent"]
+    assert publisher.events() == ["followup.sent"]
+
+
+async def test_an_opted_out_contractor_is_skipped_without_a_call(publisher):
+    record = FakeRecord(_row(), _context(sms_opt_out=True))
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(_due(), _deps(record, gateway, publisher))
+    assert gateway.requests == []
+    assert record.calls == [
+        ("end", {"status": Status.SKIPPED, "reason": "opted_out", "claim_id": None})
+    ]
+    assert publisher.events() == ["followup.skipped"]
+    assert publisher.dead_letters() == []
+
+
+async def test_quiet_hours_move_the_send_and_arm_its_timer(publisher):
+    record = FakeRecord(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    all_day = QuietHours(time(0, 0), time(23, 59))
+    await handle(_due(), _deps(record, gateway, publisher, quiet_hours=all_day))
+    assert gateway.requests == []
+    [(name, released)] = record.calls
+    assert name == "release_for_retry"
+    assert released["count_attempt"] is False
+    assert released["deferred_reason"] == "quiet_hours 00:00-23:59 in America/New_York"
+    assert [t["kind"] for t in publisher.timers()] == ["dispatch"]
+
+
+async def test_a_429_pauses_the_fleet_and_retries(publisher):
+    record = FakeRecord(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.RETRY, "http_429", 429, retry_after=5.0))
+    await handle(_due(), _deps(record, gateway, publisher))
+    assert record.names() == ["pause_gateway", "settle_unsent"]
+    assert record.calls[0][1]["until"] == NOW + timedelta(seconds=5)
+    assert isinstance(record.calls[1][1]["then"], Retry)
+    assert [t["attempt"] for t in publisher.timers()] == [2]
+    assert publisher.events() == []
+
+
+async def test_a_permanent_refusal_fails_and_dead_letters_the_timer(publisher):
+    record = FakeRecord(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.FAILED, "http_400", 400))
+    await handle(_due(), _deps(record, gateway, publisher))
+    then = record.calls[-1][1]["then"]
+    assert isinstance(then, GiveUp)
+    assert then.reason == "http_400"
+    assert publisher.dead_letters() == [DISPATCHER_DUE.dead_letter_queue]
+    assert publisher.events() == ["followup.failed"]
