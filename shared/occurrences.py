@@ -18,7 +18,7 @@ from shared.bus import Publisher
 from shared.calendar import zone_for
 from shared.events import announce
 from shared.logging import get_logger
-from shared.rows import COLUMNS, SELECT, Followup, SendContext
+from shared.rows import COLUMNS, SELECT, Followup, SendContext, get_followup
 from shared.schemas import Status, TimerMessage
 from shared.templates import render
 from shared.timers import Clock
@@ -222,8 +222,7 @@ class OccurrenceRecord:
         self._stage = stage
 
     async def get(self, followup_id: int) -> Followup | None:
-        record = await self._pool.fetchrow(f"{SELECT} WHERE id = $1", followup_id)
-        return Followup.from_record(record) if record else None
+        return await get_followup(self._pool, followup_id)
 
     async def end(
         self,

@@ -29,6 +29,9 @@ def cancellable(alias: str) -> str:
     return f"({pending(alias)} AND {alias}.calling_since IS NULL)"
 
 
+_NAMES: dict[type, tuple[str, ...]] = {}  # each row class's field names, read once
+
+
 class Columns:
     """A row dataclass read from a record by its field names. `COMPUTED` holds the fields that are
     an expression over the table (`{t}` the table's alias) rather than a column."""
@@ -37,7 +40,10 @@ class Columns:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(field.name for field in fields(cls))  # type: ignore[arg-type]
+        names = _NAMES.get(cls)
+        if names is None:
+            names = _NAMES[cls] = tuple(field.name for field in fields(cls))  # type: ignore[arg-type]
+        return names
 
     @classmethod
     def select_list(cls, alias: str, prefix: str = "") -> str:

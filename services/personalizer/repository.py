@@ -8,15 +8,18 @@ from typing import Protocol
 import asyncpg
 
 from shared.occurrences import Ends, OccurrenceRecord
-from shared.rows import CONTEXT_JOINS, CONTEXT_SELECT, Followup, SendContext, context_from
+from shared.rows import CONTEXT_SELECT, Followup, SendContext, context_from
 from shared.schemas import Status
 from shared.transitions import record_transition
 
+# Driven by the contractor's primary key, the other two by theirs: index lookups whatever plan
+# the prepared statement settles on.
 _CONTEXT = f"""
     SELECT {CONTEXT_SELECT}
-    FROM (SELECT $1::bigint AS contractor_id, $2::bigint AS action_item_id,
-                 $3::bigint AS event_id) AS f
-    {CONTEXT_JOINS.format(f="f")}"""
+    FROM contractors AS c
+    LEFT JOIN contractor_action_items AS a ON a.id = $2
+    LEFT JOIN events AS e ON e.id = $3
+    WHERE c.id = $1"""
 
 
 class PersonalizerStore(Ends, Protocol):
@@ -48,7 +51,7 @@ class PersonalizerRepository(OccurrenceRecord):
         record = await self._pool.fetchrow(
             _CONTEXT, row.contractor_id, row.action_item_id, row.event_id
         )
-        return context_from(record)
+        return context_from(record) if record else None
 
     async def store_text(
         self,
