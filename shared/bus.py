@@ -10,6 +10,7 @@ import aio_pika
 import aio_pika.abc
 from faststream.rabbit import Channel, RabbitBroker
 
+from shared.errors import RetryLater
 from shared.metrics import PUBLISHED, destination_label
 from shared.schemas import LifecycleEvent
 from shared.topology import DEAD_LETTER_EXCHANGE, PUBLIC_EXCHANGE
@@ -134,9 +135,27 @@ class AmqpPublisher:
             timestamp=datetime.now(UTC),
         )
         target = await self._exchange(exchange)
-        await target.publish(
-            message, routing_key=routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_SECONDS
-        )
+        try:
+            await target.publish(
+                message,
+                routing_key=routing_key,
+                mandatory=mandatory,
+                timeout=PUBLISH_TIMEOUT_SECONDS,
+            )
+        except aio_pika.exceptions.PublishError:
+            # Returned unroutable: a binding is missing, which waiting does not mend.
+            raise
+        except (
+            aio_pika.exceptions.DeliveryError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            TimeoutError,
+        ) as exc:
+            # Refused (a full queue's reject-publish), unconfirmed in time, or a channel between
+            # reconnects: the same publish may well go through in a moment.
+            raise RetryLater(
+                f"the broker did not take a publish to {destination_label(exchange, routing_key)}"
+                f" ({type(exc).__name__})"
+            ) from exc
         PUBLISHED.labels(self._name, destination_label(exchange, routing_key)).inc()
 
 

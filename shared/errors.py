@@ -1,7 +1,8 @@
 """The one error hierarchy of followups.
 
 FollowupsError
- ├── RetryLater   transient: the message goes back to the broker and is tried again
+ ├── RetryLater   transient: the handler tries again, then the message goes back to the
+ │                broker (raised when the broker refuses or does not confirm a publish)
  ├── Rejected     permanent: copied to the dead-letter queue with a reason, never retried
  │    └── InvalidMessage   the message itself is malformed (size, JSON, schema, routing key)
  ├── ConfigurationError    a setting is unusable; the process does not start

@@ -10,7 +10,9 @@ import aio_pika
 import pytest
 
 from shared.bus import AmqpPublisher
+from shared.errors import RetryLater
 from shared.metrics import PUBLISHED
+from shared.retry_policy import TRANSIENT
 from shared.topology import PUBLIC_EXCHANGE
 
 
@@ -43,6 +45,24 @@ async def test_an_unroutable_mandatory_publish_raises_and_an_optional_one_does_n
     with pytest.raises(aio_pika.exceptions.DeliveryError):
         await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key=nowhere)
     await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key=nowhere, mandatory=False)
+
+
+async def test_a_publish_the_broker_refuses_is_retried_later(settings, publisher):
+    """A queue at its length limit with reject-publish nacks the publish: transient, so the
+    consumer retries the handler instead of spending the message's delivery limit."""
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        routing_key = f"test.{uuid.uuid4().hex[:8]}"
+        await queue.bind(PUBLIC_EXCHANGE, routing_key)
+        await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key=routing_key)
+        with pytest.raises(RetryLater, match="did not take a publish") as refused:
+            await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key=routing_key)
+    assert isinstance(refused.value, TRANSIENT)
+    assert isinstance(refused.value.__cause__, aio_pika.exceptions.DeliveryError)
 
 
 async def test_publishing_before_connecting_says_what_to_do(settings):
