@@ -26,6 +26,8 @@ from shared.send_rate import (
     RatePolicy,
 )
 
+# The OpenAI SDK's own endpoint, used when OPENAI_BASE_URL is unset.
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _QUIET_HOURS = re.compile(r"^(?P<start>\d{2}:\d{2})-(?P<end>\d{2}:\d{2})$")
 _PROVIDER_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 

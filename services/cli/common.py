@@ -136,3 +136,11 @@ def print_json(data: Any) -> None:
 
 def iso(moment: datetime | None) -> str:
     return moment.isoformat(timespec="milliseconds") if moment else ""
+
+
+def milliseconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli import commands, dlq, doctor, exports, prune, runtime, views, watch
+from services.cli import commands, dlq, doctor, exports, prune, runtime, stats, views, watch
 
 app = typer.Typer(
     help="followups: follow-up SMS delivered at their exact scheduled time.",
@@ -45,7 +45,7 @@ app.command("add-contractor")(commands.add_contractor)
 app.command("list")(views.list_)
 app.command()(views.show)
 app.command()(watch.watch)
-app.command("stats")(views.stats_)
+app.command("stats")(stats.stats_)
 app.command()(doctor.doctor)
 app.command()(prune.prune)
 app.add_typer(dlq.app, name="dlq")

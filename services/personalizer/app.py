@@ -16,18 +16,15 @@ from shared.consumer import Handler
 from shared.logging import get_logger
 from shared.outbound_proxy import configured_proxy
 from shared.service import Runtime, create_service_app
-from shared.settings import Settings
+from shared.settings import OPENAI_DEFAULT_BASE_URL, Settings
 from shared.topology import PERSONALIZER_DUE
-
-# The SDK's own default, when OPENAI_BASE_URL is unset.
-OPENAI_API = "https://api.openai.com/v1"
 
 
 def make_writer(settings: Settings) -> TextWriter | None:
     key = settings.openai_api_key.get_secret_value().strip() if settings.openai_api_key else ""
     if not key:
         return None
-    proxy = configured_proxy(settings, settings.openai_base_url or OPENAI_API)
+    proxy = configured_proxy(settings, settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
     # Retries are the writer's (within the lead), so the SDK makes none of its own. The proxy
     # comes from the settings (environment or .env), as the webhook's does, not from httpx's
     # own reading of the environment.

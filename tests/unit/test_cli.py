@@ -8,9 +8,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from services.cli.checks import redact
 from services.cli.common import parse_duration, parse_moment
 from services.cli.deadletters import DeadLetter, resolve_queue, revalidate
-from services.cli.doctor import redact
 from services.cli.main import app
 from shared.topology import DISPATCHER_DUE, SCHEDULER_INBOX
 
