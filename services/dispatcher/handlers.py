@@ -18,7 +18,7 @@ from services.dispatcher.decisions import (
 )
 from services.dispatcher.deps import DispatcherDeps, PreparedSend
 from services.dispatcher.gateway import Outcome, SmsRequest
-from services.dispatcher.settle import end, settle_sent, settle_unsent
+from services.dispatcher.settle import announce_sent, end, settle_sent, settle_unsent
 from shared.consumer import Incoming
 from shared.db import persist
 from shared.faults import crash_point
@@ -61,17 +61,24 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
         return
     claimed = await deps.repository.claim(due.followup_id, due.version, deps.lease, deps.margin)
     if claimed is None:
-        await _not_claimed(due, deps)
+        await _not_claimed(due, incoming, deps)
         return
     await _dispatch(*claimed, incoming, deps)
 
 
-async def _not_claimed(due: TimerMessage, deps: DispatcherDeps) -> None:
+async def _not_claimed(due: TimerMessage, incoming: Incoming, deps: DispatcherDeps) -> None:
     """Most unclaimed timers are stale (cancelled, rescheduled, already sent) and are dropped.
     A row still held under another dispatcher's lease is looked at again when the lease ends,
     so a dispatcher that died mid-send is taken over with the same Idempotency-Key."""
     row = await deps.repository.get(due.followup_id)
     bound = log.bind(followup_id=due.followup_id, stage="dispatch")
+    if row is not None and _own_send_unannounced(row, due, incoming):
+        # This timer's send committed, then the dispatcher stopped (or its event could not be
+        # published) before `followup.sent` went out: announce it now. An event twice is
+        # harmless to a reader keyed on the follow-up; none would leave the publisher guessing.
+        bound.info("redelivered timer of a sent follow-up: announced again")
+        await announce_sent(row, deps)
+        return
     if row is None or is_stale(row, due, Status.SENDING):
         MESSAGES.labels("dispatcher", "stale").inc()
         bound.debug(
@@ -213,3 +220,12 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> None:
 
     # The call has happened: a lost connection now must not run the whole message again.
     await persist(_record)
+
+
+def _own_send_unannounced(row: Followup, due: TimerMessage, incoming: Incoming) -> bool:
+    return (
+        incoming.redelivered
+        and due.kind is TimerKind.DISPATCH
+        and row.status is Status.SENT
+        and row.version == due.version
+    )

@@ -67,15 +67,7 @@ async def settle_sent(
             f"{outcome.too_late} came during the call the gateway accepted: too late, recorded",
             series_ended=outcome.too_late == "cancel" and row.is_recurring,
         )
-    await announce(
-        deps.publisher,
-        "followup.sent",
-        sent,
-        deps.clock,
-        attempts=sent.attempts,
-        lateness_ms=sent.lateness_ms,
-        next_occurrence_id=sent.next_occurrence_id,
-    )
+    await announce_sent(sent, deps)
     await announce_next(outcome.following, deps.publisher, deps.clock)
 
 
@@ -220,3 +212,15 @@ def _on_ended(
             )
 
     return _ended
+
+
+async def announce_sent(sent: Followup, deps: DispatcherDeps) -> None:
+    await announce(
+        deps.publisher,
+        "followup.sent",
+        sent,
+        deps.clock,
+        attempts=sent.attempts,
+        lateness_ms=sent.lateness_ms,
+        next_occurrence_id=sent.next_occurrence_id,
+    )

@@ -77,10 +77,12 @@ async def schedule(request: FollowupRequested, incoming: Incoming, deps: Schedul
     bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id)
     if not created:
         if incoming.redelivered and row.status is Status.SCHEDULED:
-            # Stored, but this service may have stopped before its timers were armed: arm them
-            # again (a timer twice is harmless, none at all would leave it to the sweep).
+            # Stored, but this service may have stopped before its timers were armed or its event
+            # went out: both again (a timer twice is harmless, and so is an event twice to a
+            # reader keyed on the follow-up; none would leave it to the sweep, or unannounced).
             await arm_timers(row, deps)
-            bound.info("redelivered request: timers armed again")
+            bound.info("redelivered request: timers armed and announced again")
+            await announce(deps.publisher, "followup.scheduled", row, deps.clock)
             return
         bound.info("duplicate request ignored", status=row.status)
         return

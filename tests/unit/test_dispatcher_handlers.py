@@ -206,3 +206,44 @@ async def test_a_permanent_refusal_fails_and_dead_letters_the_timer(publisher):
     assert then.reason == "http_400"
     assert publisher.dead_letters() == [DISPATCHER_DUE.dead_letter_queue]
     assert publisher.events() == ["followup.failed"]
+
+
+class AlreadySent(FakeRecord):
+    """The row this timer was for is sent already: the claim finds nothing to take."""
+
+    async def claim(self, followup_id, version, lease, early):
+        return None
+
+    async def get(self, followup_id):
+        return self.row
+
+
+def _redelivered(version: int = 1, kind: TimerKind = TimerKind.DISPATCH) -> Incoming:
+    message = TimerMessage(kind=kind, followup_id=9, version=version, fire_at=NOW)
+    return Incoming(message.model_dump_json().encode(), DISPATCHER_DUE.name, redelivered=True)
+
+
+async def test_a_redelivered_timer_of_its_own_sent_follow_up_announces_it_again(publisher):
+    record = AlreadySent(_row(status=Status.SENT, lateness_ms=3.5), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(_redelivered(), _deps(record, gateway, publisher))
+    assert gateway.requests == []
+    assert record.calls == []
+    assert publisher.events() == ["followup.sent"]
+
+
+@pytest.mark.parametrize(
+    ("incoming", "row_version"),
+    [
+        pytest.param(_due(), 1, id="a first delivery: a duplicate timer"),
+        pytest.param(_redelivered(version=1), 2, id="a timer of an earlier version"),
+    ],
+)
+async def test_other_timers_of_a_sent_follow_up_are_dropped_silently(
+    publisher, incoming, row_version
+):
+    record = AlreadySent(_row(status=Status.SENT, version=row_version), None)
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(incoming, _deps(record, gateway, publisher))
+    assert gateway.requests == []
+    assert publisher.events() == []

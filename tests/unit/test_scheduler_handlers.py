@@ -168,11 +168,21 @@ async def test_a_duplicate_request_arms_nothing(deps):
     assert len(deps.publisher.timers()) == 1
 
 
-async def test_a_redelivered_request_arms_its_timers_again(deps):
-    # The first delivery stored the row, then the service stopped before it armed the timers.
+async def test_a_redelivered_request_arms_its_timers_again_and_announces_it(deps):
+    # The first delivery stored the row, then the service stopped before it armed the timers
+    # or published its event.
     deps.store.stored = _row()
     await handle(_requested(redelivered=True), deps)
     assert len(deps.publisher.timers()) == 1
+    assert [key for key, _ in deps.publisher.published if key == "followup.scheduled"] == [
+        "followup.scheduled"
+    ]
+
+
+async def test_a_duplicate_request_is_not_announced_again(deps):
+    await handle(_requested(), deps)
+    await handle(_requested(), deps)
+    assert [key for key, _ in deps.publisher.published].count("followup.scheduled") == 1
 
 
 async def test_a_redelivered_request_for_a_row_that_moved_on_arms_nothing(deps):
