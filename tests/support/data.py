@@ -1,12 +1,17 @@
-"""What the tests need: rows (contractors, action items, events) and a ready SMS request."""
+"""What the tests need: rows (contractors, action items, events), a follow-up row without a
+database, and a ready SMS request."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
 from services.dispatcher.gateway import SmsRequest
+from shared.rows import Followup
+from shared.schemas import Status
 
 
 async def add_contractor(
@@ -65,3 +70,21 @@ def sms(followup_id: int = 41) -> SmsRequest:
         attempt=1,
         priority=0,
     )
+
+
+def followup_row(**changes: Any) -> Followup:
+    """A claimed one-off occurrence (id 9, version 1, attempt 1), every other field unset unless
+    `changes` sets it: for handler and decision tests that need no database."""
+    values: dict[str, Any] = {field.name: None for field in dataclasses.fields(Followup)}
+    values.update(
+        id=9,
+        version=1,
+        contractor_id=1,
+        status=Status.SENDING,
+        ai_should_personalize=False,
+        skip_if_completed=False,
+        is_recurring=False,
+        attempts=1,
+    )
+    values.update(changes)
+    return Followup(**values)

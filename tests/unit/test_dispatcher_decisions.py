@@ -24,6 +24,7 @@ from services.dispatcher.send_window import CallSlot
 from shared.rows import ActionItem, Contractor, Followup, SendContext
 from shared.schemas import Status
 from shared.settings import QuietHours
+from tests.support.data import followup_row
 
 NOW = datetime(2026, 11, 28, 17, 0, tzinfo=UTC)  # noon in New York
 ZONE = ZoneInfo("America/New_York")
@@ -31,21 +32,8 @@ NIGHT = QuietHours(time(21, 0), time(8, 0))
 
 
 def _row(**changes) -> Followup:
-    values = {field.name: None for field in dataclasses.fields(Followup)}
-    values.update(
-        id=9,
-        version=1,
-        contractor_id=1,
-        status=Status.SENDING,
-        scheduled_time=NOW,
-        message_template="Hi {first_name}, please send the W-9.",
-        ai_should_personalize=False,
-        skip_if_completed=False,
-        is_recurring=False,
-        attempts=1,
-    )
-    values.update(changes)
-    return Followup(**values)
+    defaults = {"scheduled_time": NOW, "message_template": "Hi {first_name}, please send the W-9."}
+    return followup_row(**{**defaults, **changes})
 
 
 def _context(*, item_status: str | None = None, **contractor) -> SendContext:

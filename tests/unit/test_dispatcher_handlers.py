@@ -21,28 +21,19 @@ from shared.schemas import Status, TimerKind, TimerMessage
 from shared.settings import QuietHours
 from shared.timers import LevelsTimer
 from shared.topology import DEAD_LETTER_EXCHANGE, DISPATCHER_DUE, PUBLIC_EXCHANGE
+from tests.support.data import followup_row
 
 NOW = datetime(2026, 11, 28, 17, 0, tzinfo=UTC)  # noon in New York
 
 
 def _row(**changes) -> Followup:
-    values = {field.name: None for field in dataclasses.fields(Followup)}
-    values.update(
-        id=9,
-        version=1,
-        contractor_id=1,
-        status=Status.SENDING,
-        scheduled_time=NOW,
-        followup_type="w9_reminder",
-        message_template="Hi {first_name}",
-        ai_should_personalize=False,
-        skip_if_completed=False,
-        is_recurring=False,
-        attempts=1,
-        send_key="00000000-0000-0000-0000-000000000009",
-    )
-    values.update(changes)
-    return Followup(**values)
+    defaults = {
+        "scheduled_time": NOW,
+        "followup_type": "w9_reminder",
+        "message_template": "Hi {first_name}",
+        "send_key": "00000000-0000-0000-0000-000000000009",
+    }
+    return followup_row(**{**defaults, **changes})
 
 
 def _context(**contractor) -> SendContext:
