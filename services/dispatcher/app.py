@@ -8,7 +8,6 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-import httpx
 from faststream import FastStream
 from standardwebhooks import Webhook
 
@@ -21,7 +20,7 @@ from shared.outbound_proxy import configured_proxy
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 from shared.topology import DISPATCHER_DUE
-from shared.webhook_target import check_signing_secret, check_webhook_target, webhook_transport
+from shared.webhook_target import check_signing_secret, check_webhook_target, webhook_session
 
 
 def make_gateway(settings: Settings) -> Gateway:
@@ -32,21 +31,18 @@ def make_gateway(settings: Settings) -> Gateway:
     check_webhook_target(
         url, allow_insecure=settings.webhook_allow_insecure, proxied=proxy is not None
     )
-    transport = webhook_transport(
+    connect = partial(
+        webhook_session,
         allow_insecure=settings.webhook_allow_insecure,
         max_connections=settings.dispatch_concurrency,
         proxy=proxy,
+        timeout_seconds=settings.webhook_timeout_seconds,
     )
     secret = settings.webhook_signing_secret
     if secret:
         check_signing_secret(secret.get_secret_value())
     signer = Webhook(secret.get_secret_value()) if secret else None
-    return WebhookGateway(
-        str(settings.n8n_outbound_webhook_url),
-        transport,
-        signer,
-        httpx.Timeout(settings.webhook_timeout_seconds, connect=5.0),
-    )
+    return WebhookGateway(str(settings.n8n_outbound_webhook_url), connect, signer)
 
 
 def create_app(settings: Settings) -> FastStream:

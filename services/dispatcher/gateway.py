@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any, TextIO
 
-import httpx
+import aiohttp
+import yarl
 from standardwebhooks import Webhook
 
 from shared.logging import mask_phone
 from shared.retry_policy import MAX_RETRY_AFTER_SECONDS, transient_status
+from shared.webhook_target import WebhookHostRefused
 
 # The outcome depends on the status alone. A body up to this size is read, so the connection
 # can be used again; past it the rest is discarded with the connection, so a webhook answering
@@ -101,22 +104,18 @@ class Gateway(ABC):
 class WebhookGateway(Gateway):
     """POSTs to the configured webhook; signs with Standard Webhooks when a secret is set.
 
-    Talks to httpx's transport (its connection pool) directly: one fixed URL, no redirects,
-    cookies or auth to resolve, so the client layer above it was a fifth of each call's CPU."""
+    `connect` builds the connection pool on the first call, inside the event loop that makes
+    the calls (an aiohttp session belongs to one loop)."""
 
     sent_by = "dispatcher"
 
     def __init__(
-        self,
-        url: str,
-        transport: httpx.AsyncBaseTransport,
-        signer: Webhook | None,
-        timeout: httpx.Timeout,
+        self, url: str, connect: Callable[[], aiohttp.ClientSession], signer: Webhook | None
     ) -> None:
-        self._url = httpx.URL(url)
-        self._transport = transport
+        self._url = yarl.URL(url)
+        self._connect = connect
+        self._session: aiohttp.ClientSession | None = None
         self._signer = signer
-        self._extensions = {"timeout": timeout.as_dict()}
 
     def _headers(self, request: SmsRequest, body: str) -> dict[str, str]:
         headers = {
@@ -132,36 +131,41 @@ class WebhookGateway(Gateway):
         return headers
 
     async def send(self, request: SmsRequest) -> GatewayResult:
+        if self._session is None:
+            self._session = self._connect()
         body = json.dumps(request.payload(), separators=(",", ":"))
-        call = httpx.Request(
-            "POST",
-            self._url,
-            content=body.encode(),
-            headers=self._headers(request, body),
-            extensions=self._extensions,
-        )
         try:
-            response = await self._transport.handle_async_request(call)
-            try:
+            async with self._session.post(
+                self._url,
+                data=body.encode(),
+                headers=self._headers(request, body),
+                allow_redirects=False,
+            ) as response:
+                # Leaving the block with the body read returns the connection to the pool;
+                # with a part left unread it closes the connection, dropping the rest.
                 await _read_at_most(response, MAX_RESPONSE_BYTES)
-            finally:
-                await response.aclose()
-        except httpx.TimeoutException:
+        except TimeoutError:
             return GatewayResult(Outcome.RETRY, "timeout")
-        except httpx.TransportError as exc:
-            return GatewayResult(Outcome.RETRY, f"connection_error:{exc.__class__.__name__}")
-        return classify(
-            response.status_code, response.headers.get("Retry-After"), datetime.now(UTC)
-        )
+        except aiohttp.ClientError as exc:
+            return GatewayResult(Outcome.RETRY, f"connection_error:{_failure_name(exc)}")
+        return classify(response.status, response.headers.get("Retry-After"), datetime.now(UTC))
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
-async def _read_at_most(response: httpx.Response, limit: int) -> None:
-    """Read the body up to `limit` bytes; `response.aclose()` then drops the rest."""
+def _failure_name(exc: aiohttp.ClientError) -> str:
+    """A refused or unresolvable webhook host says so by name, whatever aiohttp wraps it in."""
+    cause = exc.__cause__ or getattr(exc, "os_error", None)
+    if isinstance(cause, WebhookHostRefused):
+        return "WebhookHostRefused"
+    return exc.__class__.__name__
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> None:
     received = 0
-    async for chunk in response.aiter_raw():
+    async for chunk in response.content.iter_any():
         received += len(chunk)
         if received >= limit:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ from typing import Any
 
 import openai
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletion
 
 from services.personalizer.prompt import Prompt
 from shared.errors import FollowupsError
@@ -82,22 +82,36 @@ def _classify(exc: BaseException) -> _Failed:
     return _Failed("api_error", retry=False)
 
 
-def _text_of(completion: ChatCompletion) -> str:
-    if completion.usage is not None:
-        LLM_TOKENS.labels("prompt").inc(completion.usage.prompt_tokens)
-        LLM_TOKENS.labels("completion").inc(completion.usage.completion_tokens)
-    if not completion.choices:
+def _text_of(completion: Any) -> str:
+    """The text of a chat completion read as plain JSON: building the SDK's typed model of the
+    answer cost more CPU than the call itself once the transport was cheap."""
+    if not isinstance(completion, dict):
+        raise _Failed("api_error", retry=False)
+    usage = completion.get("usage")
+    if isinstance(usage, dict):
+        LLM_TOKENS.labels("prompt").inc(_count(usage.get("prompt_tokens")))
+        LLM_TOKENS.labels("completion").inc(_count(usage.get("completion_tokens")))
+    choices = completion.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise _Failed("empty", retry=False)
-    choice = completion.choices[0]
-    if choice.message.refusal:
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise _Failed("empty", retry=False)
+    if message.get("refusal"):
         raise _Failed("refusal", retry=False)
-    if choice.finish_reason == "content_filter":
+    if choice.get("finish_reason") == "content_filter":
         raise _Failed("content_filter", retry=False)
-    if choice.finish_reason == "length":
+    if choice.get("finish_reason") == "length":
         raise _Failed("truncated", retry=False)
-    if not (choice.message.content or "").strip():
+    content = message.get("content")
+    if not isinstance(content, str) or not content.strip():
         raise _Failed("empty", retry=False)
-    return choice.message.content or ""
+    return content
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 class OpenAIWriter(TextWriter):
@@ -108,7 +122,7 @@ class OpenAIWriter(TextWriter):
         self.model = model
         self._client = client
         # Touching the resource imports its modules now, not on the first (timed) call.
-        self._completions = client.chat.completions
+        self._completions = client.chat.completions.with_raw_response
 
     async def write(self, prompt: Prompt, budget: float) -> Draft:
         loop = asyncio.get_running_loop()
@@ -141,7 +155,7 @@ class OpenAIWriter(TextWriter):
         try:
             # asyncio.timeout bounds the whole attempt; the SDK's timeout only bounds each read.
             async with asyncio.timeout(left):
-                completion = await self._completions.create(
+                raw = await self._completions.create(
                     model=self.model,
                     messages=[
                         {"role": "system", "content": prompt.system},
@@ -152,6 +166,11 @@ class OpenAIWriter(TextWriter):
                 )
         except (openai.OpenAIError, TimeoutError) as exc:
             raise _classify(exc) from None
+        try:
+            # Not streamed, so the client has read the whole body already.
+            completion = json.loads(raw.content)
+        except ValueError:
+            raise _Failed("api_error", retry=False) from None
         return _text_of(completion)
 
     async def aclose(self) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import httpx
+from functools import partial
 
 from services.dispatcher.app import make_gateway
 from services.dispatcher.gateway import MAX_RESPONSE_BYTES, Outcome, WebhookGateway
 from shared.settings import Settings
-from shared.webhook_target import CheckedAddresses, check_every_connection
+from shared.webhook_target import CheckedResolver, webhook_session
 from testbed.webhook import Reply, WebhookReceiver
 from tests.support.data import sms
 
@@ -113,13 +113,15 @@ async def _loopback_answer(*, allow_insecure: bool):
         assert host == "webhook.test"
         return ["127.0.0.1"]
 
-    transport = check_every_connection(
-        httpx.AsyncHTTPTransport(),
-        CheckedAddresses(allow_insecure=allow_insecure, resolve=resolve),
+    connect = partial(
+        webhook_session,
+        allow_insecure=allow_insecure,
+        max_connections=4,
+        proxy=None,
+        timeout_seconds=10,
+        resolver=CheckedResolver(allow_insecure=allow_insecure, resolve=resolve),
     )
-    target = WebhookGateway(
-        f"http://webhook.test:{receiver.port}/webhook/sms", transport, None, httpx.Timeout(10)
-    )
+    target = WebhookGateway(f"http://webhook.test:{receiver.port}/webhook/sms", connect, None)
     try:
         return await target.send(sms()), receiver.calls
     finally:
@@ -129,7 +131,7 @@ async def _loopback_answer(*, allow_insecure: bool):
 
 async def test_a_loopback_address_is_refused_at_connection_time_unless_insecure_is_allowed():
     refused, calls = await _loopback_answer(allow_insecure=False)
-    assert (refused.outcome, refused.reason) == (Outcome.RETRY, "connection_error:ConnectError")
+    assert (refused.outcome, refused.reason) == (Outcome.RETRY, "connection_error:WebhookHostRefused")
     assert calls == []
     allowed, calls = await _loopback_answer(allow_insecure=True)
     assert (allowed.outcome, allowed.http_status) == (Outcome.SENT, 200)

@@ -4,16 +4,14 @@ to the address that was checked."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import socket
 
-import httpcore
-import httpx
 import pytest
 
 from services.dispatcher.app import make_gateway
 from services.dispatcher.gateway import WebhookGateway
 from shared.settings import Settings
-from shared.webhook_target import CheckedAddresses
+from shared.webhook_target import CheckedResolver, WebhookHostRefused
 
 PUBLIC = "93.184.215.14"
 
@@ -30,33 +28,19 @@ class Resolver:
         return self.answers.pop(0)
 
 
-class Recorder(httpcore.AsyncNetworkBackend):
-    """Connects nowhere: records where it was asked to connect, and fails as a refused port."""
-
-    def __init__(self) -> None:
-        self.connected_to: list[tuple[str, int]] = []
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        self.connected_to.append((host, port))
-        raise httpcore.ConnectError("recorded")
+def hosts(results) -> list[tuple[str, int]]:
+    return [(result["host"], result["port"]) for result in results]
 
 
 async def test_a_name_rebound_to_a_private_address_is_refused_before_connecting():
-    resolver, inner = Resolver([PUBLIC], ["10.0.0.7"]), Recorder()
-    backend = CheckedAddresses(allow_insecure=False, resolve=resolver, inner=inner)
-    with pytest.raises(httpcore.ConnectError, match="recorded"):
-        await backend.connect_tcp("n8n.example.com", 443)
-    with pytest.raises(httpcore.ConnectError, match="a private address"):
-        await backend.connect_tcp("n8n.example.com", 443)
-    # The first connection went to the address that was checked, not to the name.
-    assert inner.connected_to == [(PUBLIC, 443)]
+    resolver = Resolver([PUBLIC], ["10.0.0.7"])
+    checked = CheckedResolver(allow_insecure=False, resolve=resolver)
+    first = await checked.resolve("n8n.example.com", 443)
+    with pytest.raises(WebhookHostRefused, match="a private address"):
+        await checked.resolve("n8n.example.com", 443)
+    # The pool connects to the address that was checked, never to the name.
+    assert hosts(first) == [(PUBLIC, 443)]
+    assert first[0]["hostname"] == "n8n.example.com"
     assert resolver.asked == [("n8n.example.com", 443)] * 2
 
 
@@ -64,38 +48,42 @@ async def test_a_name_rebound_to_a_private_address_is_refused_before_connecting(
     "answer", [["127.0.0.1"], ["169.254.169.254"], [PUBLIC, "192.168.1.5"], ["::ffff:10.0.0.1"]]
 )
 async def test_one_refused_address_in_the_answer_refuses_the_connection(answer):
-    inner = Recorder()
-    backend = CheckedAddresses(allow_insecure=False, resolve=Resolver(answer), inner=inner)
-    with pytest.raises(httpcore.ConnectError, match="webhook host resolves to"):
-        await backend.connect_tcp("n8n.example.com", 443)
-    assert inner.connected_to == []
+    checked = CheckedResolver(allow_insecure=False, resolve=Resolver(answer))
+    with pytest.raises(WebhookHostRefused, match="webhook host resolves to"):
+        await checked.resolve("n8n.example.com", 443)
 
 
-async def test_each_checked_address_is_tried_in_turn():
+async def test_every_checked_address_is_handed_on_in_order_with_its_family():
     second = "2606:2800:21f:cb07:6820:80da:af6b:8b2c"
-    inner = Recorder()
-    backend = CheckedAddresses(
-        allow_insecure=False, resolve=Resolver([PUBLIC, second]), inner=inner
-    )
-    with pytest.raises(httpcore.ConnectError):
-        await backend.connect_tcp("n8n.example.com", 443)
-    assert inner.connected_to == [(PUBLIC, 443), (second, 443)]
+    checked = CheckedResolver(allow_insecure=False, resolve=Resolver([PUBLIC, second]))
+    results = await checked.resolve("n8n.example.com.", 443)
+    assert hosts(results) == [(PUBLIC, 443), (second, 443)]
+    assert [r["family"] for r in results] == [socket.AF_INET, socket.AF_INET6]
+
+
+async def test_a_name_that_does_not_resolve_is_refused_as_such():
+    async def fails(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(WebhookHostRefused, match="does not resolve"):
+        await CheckedResolver(allow_insecure=False, resolve=fails).resolve("n8n.example.com")
+    with pytest.raises(WebhookHostRefused, match="has no address"):
+        await CheckedResolver(allow_insecure=False, resolve=Resolver([])).resolve("n8n.test")
 
 
 async def test_the_development_flag_lets_any_address_through():
-    inner = Recorder()
-    backend = CheckedAddresses(allow_insecure=True, resolve=Resolver(["127.0.0.1"]), inner=inner)
-    with pytest.raises(httpcore.ConnectError, match="recorded"):
-        await backend.connect_tcp("localhost", 5678)
-    assert inner.connected_to == [("127.0.0.1", 5678)]
+    checked = CheckedResolver(allow_insecure=True, resolve=Resolver(["127.0.0.1"]))
+    assert hosts(await checked.resolve("localhost", 5678)) == [("127.0.0.1", 5678)]
 
 
 async def test_the_dispatchers_gateway_checks_every_connection():
     gateway = make_gateway(Settings(n8n_outbound_webhook_url="https://93.184.215.14/webhook/sms"))
     assert isinstance(gateway, WebhookGateway)
+    session = gateway._connect()
     try:
-        pool = gateway._transport._pool
-        assert isinstance(pool._network_backend, CheckedAddresses)
+        connector = session.connector
+        assert connector is not None
+        assert isinstance(connector._resolver, CheckedResolver)
+        assert connector.use_dns_cache is False
     finally:
-        await gateway.aclose()
-    assert isinstance(gateway._transport, httpx.AsyncHTTPTransport)
+        await session.close()
