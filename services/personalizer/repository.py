@@ -9,8 +9,7 @@ import asyncpg
 
 from shared.occurrences import Ends, OccurrenceRecord
 from shared.rows import CONTEXT_SELECT, Followup, SendContext, context_from
-from shared.schemas import Status
-from shared.transitions import record_transition
+from shared.transitions import LOG_TRANSITIONS
 
 # Driven by the contractor's primary key, the other two by theirs: index lookups whatever plan
 # the prepared statement settles on.
@@ -64,30 +63,27 @@ class PersonalizerRepository(OccurrenceRecord):
         model: str | None,
         variant: str | None,
     ) -> bool:
-        """Keep the prepared text for this version; False if the row moved on meanwhile."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            done = await connection.fetchval(
-                """UPDATE contractor_followup_schedules
-                   SET prepared_text = $3, prepared_version = version, prepared_at = now(),
-                       text_source = $4, text_fallback_reason = $5, ai_model = $6,
-                       prompt_variant = $7, updated_at = now()
-                   WHERE id = $1 AND version = $2 AND status = 'scheduled'
-                   RETURNING id""",
-                followup_id,
-                version,
-                text,
-                source,
-                fallback_reason,
-                model,
-                variant,
-            )
-            if done is not None:
-                await record_transition(
-                    connection,
-                    followup_id,
-                    "personalizer",
-                    Status.SCHEDULED,
-                    Status.SCHEDULED,
-                    {"text_source": source, "fallback_reason": fallback_reason, "model": model},
-                )
-            return done is not None
+        """Keep the prepared text for this version; False if the row moved on meanwhile. One
+        statement, so one round trip: the update and its transition commit together."""
+        done = await self._pool.fetchval(
+            f"""WITH stored AS (
+                    UPDATE contractor_followup_schedules
+                    SET prepared_text = $3, prepared_version = version, prepared_at = now(),
+                        text_source = $4, text_fallback_reason = $5, ai_model = $6,
+                        prompt_variant = $7, updated_at = now()
+                    WHERE id = $1 AND version = $2 AND status = 'scheduled'
+                    RETURNING id),
+                logged AS (
+                    {LOG_TRANSITIONS}
+                    SELECT id, 'personalizer', 'scheduled', 'scheduled', $8::jsonb FROM stored)
+                SELECT id FROM stored""",
+            followup_id,
+            version,
+            text,
+            source,
+            fallback_reason,
+            model,
+            variant,
+            {"text_source": source, "fallback_reason": fallback_reason, "model": model},
+        )
+        return done is not None

@@ -137,6 +137,37 @@ async def test_the_ai_text_is_stored_with_its_model_and_variant(pool, store, dep
     assert "tools" not in request.body
     assert "functions" not in request.body
     assert _count("followups_llm_tokens_total", kind="completion") == tokens_before + 30
+    transition = await pool.fetchrow(
+        "SELECT from_status, to_status, detail FROM followup_transitions "
+        "WHERE followup_id = $1 AND stage = 'personalizer'",
+        row.id,
+    )
+    assert dict(transition) == {
+        "from_status": "scheduled",
+        "to_status": "scheduled",
+        "detail": {"text_source": "ai", "fallback_reason": None, "model": MODEL},
+    }
+
+
+async def test_a_text_for_a_version_that_moved_on_is_discarded_without_a_transition(
+    pool, store, deps, llm
+):
+    row = await _followup(store, pool)
+    assert not await deps.store.store_text(
+        row.id,
+        row.version + 1,
+        text=AI_TEXT,
+        source="ai",
+        fallback_reason=None,
+        model=MODEL,
+        variant=None,
+    )
+    stored = await deps.store.get(row.id)
+    assert stored is not None and stored.prepared_text is None
+    assert not await pool.fetchval(
+        "SELECT count(*) FROM followup_transitions WHERE followup_id = $1 AND stage = 'personalizer'",
+        row.id,
+    )
 
 
 async def test_the_prompt_has_tone_action_item_event_and_the_hints_in_the_data_section(
@@ -196,6 +227,11 @@ async def test_a_hint_that_asks_for_a_link_never_puts_one_in_the_sms(pool, store
         (Reply.text("Hi Sam, sen", finish_reason="length"), "truncated"),
         (Reply.text(None, finish_reason="content_filter"), "content_filter"),
         (Reply(status=200, body={"not": "a completion"}), "empty"),
+        (Reply(status=200, body={"choices": [{"message": "not an object"}]}), "empty"),
+        (
+            Reply(status=200, body={"choices": "not a list", "usage": {"prompt_tokens": "x"}}),
+            "empty",
+        ),
         (Reply.text("Hi Sam, upload it at https://w9.example.net/sam"), "guard_url"),
         (Reply.text("Hi Sam, call me at (415) 555-0199 about the W-9."), "guard_phone"),
         (Reply.text("Hi Sam! " + "Please send the W-9. " * 100), "guard_too_long"),
