@@ -13,7 +13,7 @@ import asyncpg
 from bench.probes import Sampler
 from bench.progress import Tracker
 from bench.report import Row
-from bench.stats import duplicates, spread
+from bench.stats import duplicates, spread, tail_by_second
 from testbed.webhook import WebhookReceiver
 
 
@@ -56,6 +56,9 @@ def fill_sends(row: Row, found: list[Delivery]) -> list[Delivery]:
     row.repeated_calls = dup.repeated_calls
     row.early = sum(1 for d in found if d.received_at < d.scheduled_at)
     row.lateness_ms = spread([(d.received_at - d.scheduled_at) * 1000 for d in first])
+    row.extra["lateness_by_second"] = tail_by_second(
+        (d.scheduled_at, (d.received_at - d.scheduled_at) * 1000) for d in first
+    )
     return first
 
 

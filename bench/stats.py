@@ -38,6 +38,27 @@ def spread(values: Sequence[float]) -> Spread:
     )
 
 
+def tail_by_second(points: Iterable[tuple[float, float]]) -> list[dict[str, float]]:
+    """(due time in epoch seconds, lateness ms) → per second of due time from the first: count,
+    p99 and max, so a slow tail can be told apart as a warm-up, a steady cost or a stall."""
+    buckets: dict[int, list[float]] = {}
+    ordered = sorted(points)
+    if not ordered:
+        return []
+    start = ordered[0][0]
+    for due, lateness in ordered:
+        buckets.setdefault(int(due - start), []).append(lateness)
+    return [
+        {
+            "second": second,
+            "count": len(values),
+            "p99": round(percentile(values, 99) or 0.0, 1),
+            "max": round(max(values), 1),
+        }
+        for second, values in sorted(buckets.items())
+    ]
+
+
 def peak_rate(times: Iterable[float], window: float = 1.0) -> float:
     """The most events seen in any `window` seconds, per second (a sliding window)."""
     if window <= 0:

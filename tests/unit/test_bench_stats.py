@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from bench.stats import duplicates, flatness, mean_rate, peak_rate, percentile, spread
+from bench.stats import (
+    duplicates,
+    flatness,
+    mean_rate,
+    peak_rate,
+    percentile,
+    spread,
+    tail_by_second,
+)
 
 
 def test_percentile_is_nearest_rank_and_an_observed_value() -> None:
@@ -65,3 +73,13 @@ def test_flatness_compares_the_first_and_last_quarters() -> None:
     assert flatness([100.0] * 8) == 0.0
     assert flatness([100.0, 100.0, 110.0, 110.0, 120.0, 120.0, 150.0, 150.0]) == pytest.approx(0.5)
     assert flatness([1.0, 2.0]) is None
+
+
+def test_the_tail_by_second_counts_each_second_of_due_time_from_the_first():
+    points = [(100.0, 5.0), (100.9, 7.0), (101.1, 300.0), (103.0, 1.0), (101.5, 2.0)]
+    assert tail_by_second(points) == [
+        {"second": 0, "count": 2, "p99": 7.0, "max": 7.0},
+        {"second": 1, "count": 2, "p99": 300.0, "max": 300.0},
+        {"second": 3, "count": 1, "p99": 1.0, "max": 1.0},
+    ]
+    assert tail_by_second([]) == []
