@@ -14,7 +14,7 @@ from bench.probes import Sampler
 from bench.progress import Tracker
 from bench.report import Row
 from bench.stats import duplicates, spread, tail_by_second
-from testbed.webhook import WebhookReceiver
+from testbed.webhook_process import RemoteWebhookReceiver
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class Delivery:
     scheduled_at: float  # epoch seconds
 
 
-def deliveries(receiver: WebhookReceiver) -> list[Delivery]:
+async def deliveries(receiver: RemoteWebhookReceiver) -> list[Delivery]:
+    await receiver.refresh()
     found = []
     for call in list(receiver.calls):
         body = call.json
@@ -114,7 +115,7 @@ def fill_cpu_per_followup(row: Row, followups: int) -> None:
 
 
 async def wait_for_calls(
-    receiver: WebhookReceiver,
+    receiver: RemoteWebhookReceiver,
     expected: int,
     deadline: float,
     tracker: Tracker,
@@ -122,11 +123,13 @@ async def wait_for_calls(
 ) -> bool:
     """Until `expected` calls arrived or the (epoch) deadline passed; True when all came. A
     failed `abort` task (the load publishing alongside) ends the wait with its error."""
+    await receiver.refresh()
     while len(receiver.calls) < expected and time.time() < deadline:
         if abort is not None and abort.done() and abort.exception() is not None:
             await abort
         tracker.update(len(receiver.calls), "webhook calls")
         await asyncio.sleep(0.1)
+        await receiver.refresh()
     tracker.update(len(receiver.calls), "webhook calls")
     return len(receiver.calls) >= expected
 

@@ -183,7 +183,14 @@ class Sampler:
     """Samples the services' memory and CPU, the broker's and the database's CPU, and the
     machine's load, every `interval` seconds while a scenario runs."""
 
-    def __init__(self, services: dict[str, int], pool: asyncpg.Pool, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        services: dict[str, int],
+        pool: asyncpg.Pool,
+        interval: float = 0.5,
+        helpers: list[int] | None = None,
+    ) -> None:
+        """`helpers`: the bench's own child processes (the webhook receiver), counted with it."""
         self.traces = {name: ProcessTrace(pid) for name, pid in services.items()}
         self._servers: dict[str, list[int]] = {"broker": [], "postgres": []}
         self.broker = CpuMeter(lambda: self._servers["broker"])
@@ -202,9 +209,11 @@ class Sampler:
         self.stopped_at = 0.0
         self.load_average_start = 0.0
         self.load_average_end = 0.0
-        # This process hosts the webhook receiver and the model stand-in: its CPU is load too.
+        # This process (load, model stand-in) and its helpers (webhook receiver) are load too.
         self.bench_cpu = 0.0
         self._bench_cpu_start = 0.0
+        self._helpers = helpers or []
+        self._helpers_cpu_start = 0.0
 
     def _sample(self) -> None:
         for trace in self.traces.values():
@@ -238,6 +247,7 @@ class Sampler:
         self.started_at = time.time()
         self.load_average_start = os.getloadavg()[0]
         self._bench_cpu_start = time.process_time()
+        self._helpers_cpu_start = self._helpers_cpu()
         for trace in self.traces.values():
             trace.cpu_start = trace.cpu_end = cpu_seconds(trace.pid) or 0.0
         self.broker.start()
@@ -246,6 +256,9 @@ class Sampler:
         self._machine_start = machine_busy()
         self._sample()
         self._task = asyncio.create_task(self._run())
+
+    def _helpers_cpu(self) -> float:
+        return sum(cpu_seconds(pid) or 0.0 for pid in self._helpers)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -259,7 +272,12 @@ class Sampler:
             trace.high_water = peak_rss_mb(trace.pid)
         self.stopped_at = time.time()
         self.load_average_end = os.getloadavg()[0]
-        self.bench_cpu = time.process_time() - self._bench_cpu_start
+        self.bench_cpu = (
+            time.process_time()
+            - self._bench_cpu_start
+            + self._helpers_cpu()
+            - self._helpers_cpu_start
+        )
         busy, total = machine_busy()
         elapsed = total - self._machine_start[1]
         if elapsed > 0:

@@ -116,7 +116,7 @@ async def _timed_sends(
     if not complete:
         row.notes.append(f"timed out {plan.timeout:.0f} s after the last scheduled time")
     await asyncio.sleep(GRACE)
-    first = fill_sends(row, deliveries(stack.receiver))
+    first = fill_sends(row, await deliveries(stack.receiver))
     row.extra["statuses"] = await statuses(stack.pool, base)
     row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
     return base, sorted(d.received_at for d in first)
@@ -177,7 +177,7 @@ async def _paced_sends(
     stored = sum((await statuses(stack.pool, base)).values())
     if stored < len(times):
         row.notes.append(f"only {stored:,} of {len(times):,} requests were stored")
-    first = fill_sends(row, deliveries(stack.receiver))
+    first = fill_sends(row, await deliveries(stack.receiver))
     row.extra["statuses"] = await statuses(stack.pool, base)
     row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
     return base, sorted(d.received_at for d in first)
@@ -202,7 +202,7 @@ async def _steady_into(stack: Stack, plan: Plan, progress: Progress, row: Row, l
 
 async def _steady_row(stack: Stack, plan: Plan, progress: Progress, name: str) -> Row:
     row = Row(name, stack.options.backend)
-    sampler = Sampler(stack.service_pids(), stack.pool)
+    sampler = Sampler(stack.service_pids(), stack.pool, helpers=[stack.receiver.pid])
     await sampler.start()
     try:
         await _steady_into(stack, plan, progress, row, name)
@@ -228,7 +228,7 @@ async def burst(stack: Stack, plan: Plan, progress: Progress) -> Row:
     """2,000 follow-ups due at the same instant: how fast the backlog drains."""
     row = Row("burst", stack.options.backend, expected=plan.burst_count)
     due = _now() + timedelta(seconds=plan.settle + plan.lead)
-    sampler = Sampler(stack.service_pids(), stack.pool)
+    sampler = Sampler(stack.service_pids(), stack.pool, helpers=[stack.receiver.pid])
     await sampler.start()
     try:
         _, received = await _timed_sends(
@@ -254,7 +254,7 @@ async def ingest(stack: Stack, plan: Plan, progress: Progress) -> Row:
     row = Row("ingest", stack.options.backend, expected=plan.ingest_count)
     far = _now() + timedelta(days=1)
     times = [far + timedelta(milliseconds=i) for i in range(plan.ingest_count)]
-    sampler = Sampler(stack.service_pids(), stack.pool)
+    sampler = Sampler(stack.service_pids(), stack.pool, helpers=[stack.receiver.pid])
     await sampler.start()
     started = time.time()
     try:
@@ -295,7 +295,7 @@ async def pending(stack: Stack, plan: Plan, progress: Progress) -> Row:
     """N follow-ups days ahead: memory of services, broker and database, then the steady
     scenario's timing while they wait."""
     row = Row("pending", stack.options.backend)
-    sampler = Sampler(stack.service_pids(), stack.pool)
+    sampler = Sampler(stack.service_pids(), stack.pool, helpers=[stack.receiver.pid])
     await sampler.start()
     try:
         before = await memory_snapshot(stack)

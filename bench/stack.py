@@ -22,7 +22,7 @@ from testbed import openai_server
 from testbed.infra import AMQP_ROOT, PG_ADMIN, Infra, rabbitmqctl
 from testbed.openai_server import OpenAIServer
 from testbed.processes import ServiceSet
-from testbed.webhook import WebhookReceiver
+from testbed.webhook_process import RemoteWebhookReceiver
 
 SERVICES = ("scheduler", "personalizer", "dispatcher")
 # With --replicas N these run N processes each; one personalizer waits on the model, not on CPU.
@@ -88,7 +88,8 @@ class Stack:
     def __init__(self, options: StackOptions) -> None:
         self.options = options
         self.infra: Infra | None = None
-        self.receiver = WebhookReceiver()
+        # Its own process: its timestamps wait for no load generator nor model stand-in.
+        self.receiver = RemoteWebhookReceiver()
         self.openai: OpenAIServer | None = None
         if options.ai_delay is not None:
             reply = dataclasses.replace(openai_server.Reply.text(AI_TEXT), delay=options.ai_delay)
