@@ -41,6 +41,9 @@ def test_compose_runs_the_whole_system():
     assert services["migrate"]["restart"] == "no"
     for name in ("rabbitmq", "postgres", "webhook-sink"):
         assert services[name]["healthcheck"]["test"]
+    # The timed send outweighs the work with slack when the host is busy (default weight 1024).
+    assert services["dispatcher"]["cpu_shares"] > 1024
+    assert "cpu_shares" not in services["personalizer"]
 
 
 def test_compose_sets_only_variables_the_settings_know():

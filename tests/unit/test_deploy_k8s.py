@@ -249,6 +249,21 @@ def test_disruption_budgets_and_autoscalers(overlay):
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
 
 
+def test_the_dispatchers_cpu_is_reserved_and_never_throttled(overlay):
+    _, docs = overlay
+    (dispatcher,) = [
+        d for d in ours(docs, "Deployment") if d["metadata"]["name"].endswith("dispatcher")
+    ]
+    (container,) = _pod(dispatcher)["containers"]
+    resources = container["resources"]
+    # A CFS quota spent early in its period would hold every due send until the next period.
+    assert "cpu" not in resources["limits"]
+    assert "memory" in resources["limits"]
+    cpu = resources["requests"]["cpu"]
+    millicores = int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
+    assert millicores >= 500
+
+
 def test_scalers_read_the_depth_of_the_queue_each_service_consumes(overlay):
     _, docs = overlay
     namespace = next(d for d in docs if d["kind"] == "Namespace")["metadata"]["name"]
