@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import os
 import signal
@@ -16,6 +17,9 @@ import uvloop
 from services.cli.common import console, err, fail, load_settings
 
 SERVICES = ("scheduler", "personalizer", "dispatcher")
+# Python's default is 700 allocations: a few messages' worth of objects, each collection a
+# pause in the middle of a timed send.
+GC_YOUNG_THRESHOLD = 20_000
 
 
 def migrate() -> None:
@@ -93,6 +97,10 @@ def run(
         raise fail(f"{service} cannot start: {exc}", 2) from None
     if not isinstance(app, ServiceApp):
         raise fail(f"services.{service}.app.create_app must return a ServiceApp")
+    # What is loaded by now lives as long as the process: the collector need not walk it again
+    # and again, and each message's short-lived objects are collected less often.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     # uvloop's C event loop and transports halve the per-message cost of the loop itself.
     uvloop.run(app.serve(settings.http_host, settings.http_port))
 
