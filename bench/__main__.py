@@ -165,6 +165,14 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         help="DELAY_QUEUE_TYPE: queue type of the levels timer queues",
     )
     parser.add_argument(
+        "--dispatcher-nice",
+        type=int,
+        default=0,
+        help="nice value of the dispatcher processes: below 0 (root or CAP_SYS_NICE) their "
+        "timed sends go first on busy cores, as a Kubernetes CPU request or compose's "
+        "cpu_shares give them",
+    )
+    parser.add_argument(
         "--replicas",
         type=int,
         default=1,
@@ -219,6 +227,7 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         queue_type=args.queue_type,
         log_level=args.log_level,
         replicas=args.replicas,
+        dispatcher_nice=args.dispatcher_nice,
         repeat=args.repeat,
         out=args.out,
         profile=args.profile,

@@ -34,6 +34,7 @@ class Selection:
     log_level: str
     out: Path | None
     replicas: int = 1
+    dispatcher_nice: int = 0
     repeat: int = 1
     profile: Path | None = None
 
@@ -129,6 +130,7 @@ async def _ours(context: Context, scenario: str, name: str, backend: str, plan: 
         queue_type=selection.queue_type,
         log_level=selection.log_level,
         replicas=selection.replicas,
+        dispatcher_nice=selection.dispatcher_nice,
     )
     context.progress.say(f"{label} starting the stack (service logs in {options.log_dir})")
     try:

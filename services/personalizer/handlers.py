@@ -71,7 +71,8 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
     ):
         return
     bound = log.bind(followup_id=due.followup_id, stage="personalize")
-    row = await deps.store.get(due.followup_id)
+    found = await deps.store.with_context(due.followup_id)
+    row, context = found if found is not None else (None, None)
     if row is None or is_stale(row, due, Status.SCHEDULED):
         MESSAGES.labels("personalizer", "stale").inc()
         bound.info(
@@ -81,7 +82,6 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
             status=row.status if row else "missing",
         )
         return
-    context = await deps.store.context(row)
     if context is None:
         bound.warning("contractor missing; the dispatcher will fail this follow-up")
         return

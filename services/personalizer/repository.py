@@ -8,17 +8,23 @@ from typing import Protocol
 import asyncpg
 
 from shared.occurrences import Ends, OccurrenceRecord
-from shared.rows import CONTEXT_SELECT, Followup, SendContext, context_from
+from shared.rows import (
+    CONTEXT_JOINS,
+    CONTEXT_SELECT,
+    Followup,
+    SendContext,
+    context_from,
+    row_columns,
+)
 from shared.transitions import LOG_TRANSITIONS
 
-# Driven by the contractor's primary key, the other two by theirs: index lookups whatever plan
-# the prepared statement settles on.
-_CONTEXT = f"""
-    SELECT {CONTEXT_SELECT}
-    FROM contractors AS c
-    LEFT JOIN contractor_action_items AS a ON a.id = $2
-    LEFT JOIN events AS e ON e.id = $3
-    WHERE c.id = $1"""
+# The follow-up and what its text is built from, in one round trip: each join is driven by a
+# primary key, so index lookups whatever plan the prepared statement settles on.
+_WITH_CONTEXT = f"""
+    SELECT {row_columns("f")}, {CONTEXT_SELECT}
+    FROM contractor_followup_schedules AS f
+    {CONTEXT_JOINS.format(f="f")}
+    WHERE f.id = $1"""
 
 
 class PersonalizerStore(Ends, Protocol):
@@ -26,7 +32,9 @@ class PersonalizerStore(Ends, Protocol):
 
     async def get(self, followup_id: int) -> Followup | None: ...
 
-    async def context(self, row: Followup) -> SendContext | None: ...
+    async def with_context(self, followup_id: int) -> tuple[Followup, SendContext | None] | None:
+        """The follow-up and its contractor, action item and event (None: the contractor is
+        gone); None when there is no such follow-up."""
 
     async def store_text(
         self,
@@ -45,12 +53,11 @@ class PersonalizerRepository(OccurrenceRecord):
     def __init__(self, pool: asyncpg.Pool) -> None:
         super().__init__(pool, "personalizer")
 
-    async def context(self, row: Followup) -> SendContext | None:
-        """The contractor, action item and event of a follow-up; None if the contractor is gone."""
-        record = await self._pool.fetchrow(
-            _CONTEXT, row.contractor_id, row.action_item_id, row.event_id
-        )
-        return context_from(record) if record else None
+    async def with_context(self, followup_id: int) -> tuple[Followup, SendContext | None] | None:
+        record = await self._pool.fetchrow(_WITH_CONTEXT, followup_id)
+        if record is None:
+            return None
+        return Followup.from_record(record), context_from(record)
 
     async def store_text(
         self,
