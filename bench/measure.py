@@ -196,3 +196,20 @@ async def dispatcher_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, fl
     )
     found = spread([row["lateness_ms"] for row in rows])
     return {"p50": found.p50, "p99": found.p99, "max": found.max}
+
+
+async def claim_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, float | None]:
+    """When each follow-up's first claim was recorded, against its scheduled_time (negative:
+    ahead of it, as the dispatch margin intends). A late claim means the send timer, or the
+    dispatcher's intake, was late: the time was lost before the dispatcher could wait."""
+    rows = await pool.fetch(
+        """SELECT extract(epoch FROM min(t.at) - f.scheduled_time) * 1000 AS late_ms
+           FROM contractor_followup_schedules AS f
+           JOIN followup_transitions AS t
+             ON t.followup_id = f.id AND t.stage = 'dispatcher' AND t.to_status = 'sending'
+           WHERE f.id > $1
+           GROUP BY f.id, f.scheduled_time""",
+        after_id,
+    )
+    found = spread([float(row["late_ms"]) for row in rows])
+    return {"p50": found.p50, "p99": found.p99, "max": found.max}

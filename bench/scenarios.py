@@ -13,6 +13,7 @@ from typing import Any
 from bench.broker_stats import TIMER_PREFIX
 from bench.load import paced_moments, publish_paced, publish_requests, request_body
 from bench.measure import (
+    claim_lateness,
     deliveries,
     dispatcher_lateness,
     fill_cpu_per_followup,
@@ -119,6 +120,7 @@ async def _timed_sends(
     first = fill_sends(row, await deliveries(stack.receiver))
     row.extra["statuses"] = await statuses(stack.pool, base)
     row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
+    row.extra["claim_lateness_ms"] = await claim_lateness(stack.pool, base)
     return base, sorted(d.received_at for d in first)
 
 
@@ -180,6 +182,7 @@ async def _paced_sends(
     first = fill_sends(row, await deliveries(stack.receiver))
     row.extra["statuses"] = await statuses(stack.pool, base)
     row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
+    row.extra["claim_lateness_ms"] = await claim_lateness(stack.pool, base)
     return base, sorted(d.received_at for d in first)
 
 
