@@ -17,7 +17,7 @@ from services.dispatcher.decisions import (
     window_answer,
 )
 from services.dispatcher.deps import DispatcherDeps, PreparedSend
-from services.dispatcher.gateway import Outcome, SmsRequest
+from services.dispatcher.gateway import GatewayResult, Outcome, SmsRequest
 from services.dispatcher.settle import announce_sent, end, settle_sent, settle_unsent
 from shared.consumer import Incoming
 from shared.db import persist
@@ -147,9 +147,23 @@ async def _call(send: PreparedSend, deps: DispatcherDeps) -> None:
         )
         return
     try:
-        await _call_now(send, deps)
+        made = await _call_now(send, deps)
     finally:
+        # The place bounds calls in flight; recording the outcome needs none, and holding it
+        # through the record and the event would make every other due send wait for them.
         deps.calls_in_flight.release()
+    if made is None:
+        return
+    result, call_id = made
+
+    async def _record() -> None:
+        if result.outcome is Outcome.SENT:
+            await settle_sent(send, result, call_id, deps)
+        else:
+            await settle_unsent(send, result, call_id, deps)
+
+    # The call has happened: a lost connection now must not run the whole message again.
+    await persist(_record)
 
 
 async def _take_place(row: Followup, deps: DispatcherDeps) -> bool:
@@ -168,7 +182,9 @@ async def _take_place(row: Followup, deps: DispatcherDeps) -> bool:
             return True
 
 
-async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> None:
+async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> tuple[GatewayResult, int] | None:
+    """Take this follow-up's place in the send window and make the call: its result and the
+    call's id, or None when no call was made (lost, or waiting for a place)."""
     row = send.row
     bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id, attempt=row.attempts)
     slot = await deps.repository.start_call(
@@ -180,7 +196,7 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> None:
     if isinstance(place, Lost):
         MESSAGES.labels("dispatcher", "cancelled_before_call").inc()
         bound.info("cancelled or moved while being claimed; not sent")
-        return
+        return None
     if isinstance(place, WaitForPlace):
         wake = place.until
         await arm_dispatch(deps.timer, row, wake, row.attempts)
@@ -193,7 +209,7 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> None:
             until=wake.isoformat(),
             priority=row.priority,
         )
-        return
+        return None
     SEND_LATENESS.observe(max(0.0, (deps.clock() - row.scheduled_time).total_seconds()))
     result = await deps.gateway.send(
         SmsRequest(
@@ -210,16 +226,7 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> None:
     )
     SENDS.labels(result.outcome.value).inc()
     crash_point("after_webhook")
-    call_id = place.call_id
-
-    async def _record() -> None:
-        if result.outcome is Outcome.SENT:
-            await settle_sent(send, result, call_id, deps)
-        else:
-            await settle_unsent(send, result, call_id, deps)
-
-    # The call has happened: a lost connection now must not run the whole message again.
-    await persist(_record)
+    return result, place.call_id
 
 
 def _own_send_unannounced(row: Followup, due: TimerMessage, incoming: Incoming) -> bool:
