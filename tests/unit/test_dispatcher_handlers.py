@@ -152,6 +152,23 @@ async def test_a_sent_follow_up_is_recorded_and_announced(publisher):
     assert publisher.events() == ["followup.sent"]
 
 
+async def test_the_call_place_is_free_again_while_the_outcome_is_recorded(publisher):
+    places = asyncio.Semaphore(1)
+    free_while_recording: list[bool] = []
+
+    class Recording(FakeRecord):
+        async def mark_sent(self, row, **kwargs):
+            free_while_recording.append(not places.locked())
+            return await super().mark_sent(row, **kwargs)
+
+    record = Recording(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    deps = dataclasses.replace(_deps(record, gateway, publisher), calls_in_flight=places)
+    await handle(_due(), deps)
+    assert free_while_recording == [True]
+    assert publisher.events() == ["followup.sent"]
+
+
 async def test_an_opted_out_contractor_is_skipped_without_a_call(publisher):
     record = FakeRecord(_row(), _context(sms_opt_out=True))
     gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
