@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-
 from functools import partial
 
 from services.dispatcher.app import make_gateway
@@ -131,7 +130,8 @@ async def _loopback_answer(*, allow_insecure: bool):
 
 async def test_a_loopback_address_is_refused_at_connection_time_unless_insecure_is_allowed():
     refused, calls = await _loopback_answer(allow_insecure=False)
-    assert (refused.outcome, refused.reason) == (Outcome.RETRY, "connection_error:WebhookHostRefused")
+    assert refused.outcome is Outcome.RETRY
+    assert refused.reason == "connection_error:WebhookHostRefused"
     assert calls == []
     allowed, calls = await _loopback_answer(allow_insecure=True)
     assert (allowed.outcome, allowed.http_status) == (Outcome.SENT, 200)

@@ -163,9 +163,11 @@ async def test_a_text_for_a_version_that_moved_on_is_discarded_without_a_transit
         variant=None,
     )
     stored = await deps.store.get(row.id)
-    assert stored is not None and stored.prepared_text is None
+    assert stored is not None
+    assert stored.prepared_text is None
     assert not await pool.fetchval(
-        "SELECT count(*) FROM followup_transitions WHERE followup_id = $1 AND stage = 'personalizer'",
+        "SELECT count(*) FROM followup_transitions "
+        "WHERE followup_id = $1 AND stage = 'personalizer'",
         row.id,
     )
 
