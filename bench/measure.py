@@ -194,8 +194,7 @@ async def dispatcher_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, fl
            WHERE id > $1 AND lateness_ms IS NOT NULL""",
         after_id,
     )
-    found = spread([row["lateness_ms"] for row in rows])
-    return {"p50": found.p50, "p99": found.p99, "max": found.max}
+    return _tail([row["lateness_ms"] for row in rows])
 
 
 async def claim_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, float | None]:
@@ -211,5 +210,9 @@ async def claim_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, float |
            GROUP BY f.id, f.scheduled_time""",
         after_id,
     )
-    found = spread([float(row["late_ms"]) for row in rows])
+    return _tail([float(row["late_ms"]) for row in rows])
+
+
+def _tail(values: list[float]) -> dict[str, float | None]:
+    found = spread(values)
     return {"p50": found.p50, "p99": found.p99, "max": found.max}

@@ -178,8 +178,6 @@ class CheckedResolver(aiohttp.abc.AbstractResolver):
     async def checked(self, host: str, port: int) -> list[IPAddress]:
         try:
             addresses = [ipaddress.ip_address(a) for a in await self._resolve(host, port)]
-        except WebhookHostRefused:
-            raise
         except (OSError, UnicodeError, ValueError) as exc:
             raise WebhookHostRefused(f"webhook host does not resolve ({exc})") from None
         if not addresses:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -85,8 +84,7 @@ class RemoteWebhookReceiver:
 
     async def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "testbed.webhook_process", str(self.port)],
-            env=os.environ.copy(),
+            [sys.executable, "-m", "testbed.webhook_process", str(self.port)]
         )
         self._client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
