@@ -54,6 +54,8 @@ DECLARE
     v_due_ahead integer;
     v_turn integer;
     v_limit integer;
+    v_edge bigint;
+    v_calls bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(p_lock_namespace, p_lock_key);
     v_now := clock_timestamp();
@@ -70,11 +72,15 @@ BEGIN
     END IF;
     SELECT g.paused_until INTO v_until FROM gateway_pause AS g WHERE g.paused_until > v_now;
     IF v_until IS NULL THEN
-        -- the window's calls that still hold a place, oldest first
-        SELECT coalesce(array_agg(last.called_at ORDER BY last.called_at), '{}') INTO v_recent
-        FROM (SELECT w.called_at FROM webhook_calls AS w WHERE w.called_at > v_now - p_window
-              ORDER BY w.called_at DESC LIMIT v_limit) AS last;
-        v_free := v_limit - cardinality(v_recent);
+        -- the calls in the window: whole seconds from their counts, the second the window
+        -- starts in from the calls themselves
+        v_edge := floor(extract(epoch FROM v_now - p_window))::bigint;
+        SELECT coalesce(sum(s.calls), 0) INTO v_calls
+        FROM webhook_call_seconds AS s WHERE s.epoch_second > v_edge;
+        v_calls := v_calls + (SELECT count(*) FROM webhook_calls AS w
+                              WHERE w.called_at > v_now - p_window
+                                AND w.called_at < to_timestamp(v_edge + 1));
+        v_free := v_limit - least(v_calls, v_limit);
         SELECT count(*),
                count(*) FILTER (WHERE f.next_attempt_at BETWEEN v_now - p_slack AND v_now + p_slack)
         INTO v_ahead, v_due_ahead
@@ -83,7 +89,17 @@ BEGIN
           AND (f.priority > v_row.priority
                OR (f.priority = v_row.priority
                    AND (f.scheduled_time, f.id) < (v_row.scheduled_time, v_row.id)));
+        IF v_free <= v_due_ahead THEN
+            -- the window's calls that still hold a place, oldest first: read only when no
+            -- place is free for this follow-up, to tell when each one frees up
+            SELECT coalesce(array_agg(last.called_at ORDER BY last.called_at), '{}')
+            INTO v_recent
+            FROM (SELECT w.called_at FROM webhook_calls AS w WHERE w.called_at > v_now - p_window
+                  ORDER BY w.called_at DESC LIMIT v_limit) AS last;
+            v_free := v_limit - cardinality(v_recent);
+        END IF;
         IF v_free > v_due_ahead THEN
+            DELETE FROM webhook_call_seconds AS s WHERE s.epoch_second < v_edge;
             UPDATE contractor_followup_schedules AS f
             SET calling_since = v_now, lease_until = v_now + p_lease, waiting_since = NULL,
                 webhook_started_at = coalesce(f.webhook_started_at, v_now),

@@ -515,6 +515,45 @@ async def test_a_free_place_goes_to_the_waiter_ahead_that_is_due_now(pool, repos
     assert (await repository.start_call(behind_claim, limit_per_minute=2, lease=LEASE)).call_id
 
 
+async def test_the_per_second_counts_follow_every_call_written_moved_and_deleted(pool):
+    contractor = await add_contractor(pool)
+    filler = await add_due(pool, contractor, key="counted", due=datetime.now(UTC))
+    await pool.execute(
+        """INSERT INTO webhook_calls (followup_id, send_key, attempt, called_at)
+           SELECT $1, gen_random_uuid(), 1, clock_timestamp() - random() * interval '90 seconds'
+           FROM generate_series(1, 3000)""",
+        filler,
+    )
+    await pool.execute(
+        "UPDATE webhook_calls SET called_at = called_at - random() * interval '30 seconds'"
+        " WHERE id % 3 = 0"
+    )
+    await pool.execute("DELETE FROM webhook_calls WHERE id % 5 = 0")
+    mismatched = await pool.fetch(
+        """SELECT counted.epoch_second, counted.calls, coalesce(actual.calls, 0) AS actual
+           FROM webhook_call_seconds AS counted
+           FULL JOIN (SELECT floor(extract(epoch FROM called_at))::bigint AS epoch_second,
+                             count(*) AS calls
+                      FROM webhook_calls GROUP BY 1) AS actual USING (epoch_second)
+           WHERE coalesce(counted.calls, 0) <> coalesce(actual.calls, 0)"""
+    )
+    assert mismatched == []
+
+
+async def test_a_call_at_the_edge_of_the_window_holds_its_place_to_the_microsecond(
+    pool, repository
+):
+    """The second the window starts in is counted from the calls themselves, not its count."""
+    contractor = await add_contractor(pool)
+    await fill_window(pool, contractor, [0.4])  # frees 0.4 s from now: still in the window
+    behind = await add_due(pool, contractor, key="edge")
+    claim, _ = await repository.claim(behind, 1, LEASE, MARGIN)
+    held = await repository.start_call(claim, limit_per_minute=1, lease=LEASE)
+    assert held.call_id is None
+    await asyncio.sleep(0.5)
+    assert (await repository.start_call(claim, limit_per_minute=1, lease=LEASE)).call_id
+
+
 # ---- the window's function is the module's -----------------------------------------------------
 
 
