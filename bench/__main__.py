@@ -165,6 +165,13 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         help="DELAY_QUEUE_TYPE: queue type of the levels timer queues",
     )
     parser.add_argument(
+        "--no-slack-nice",
+        dest="slack_nice",
+        action="store_false",
+        help="run the scheduler and the personalizer at the dispatcher's priority, instead of "
+        "at the nice value `followups run all` gives them (CPU_NICE=5)",
+    )
+    parser.add_argument(
         "--dispatcher-nice",
         type=int,
         default=0,
@@ -228,6 +235,7 @@ def parse(argv: list[str]) -> tuple[Plan, Selection]:
         log_level=args.log_level,
         replicas=args.replicas,
         dispatcher_nice=args.dispatcher_nice,
+        slack_nice=args.slack_nice,
         repeat=args.repeat,
         out=args.out,
         profile=args.profile,

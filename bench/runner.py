@@ -35,6 +35,7 @@ class Selection:
     out: Path | None
     replicas: int = 1
     dispatcher_nice: int = 0
+    slack_nice: bool = True
     repeat: int = 1
     profile: Path | None = None
 
@@ -131,6 +132,7 @@ async def _ours(context: Context, scenario: str, name: str, backend: str, plan: 
         log_level=selection.log_level,
         replicas=selection.replicas,
         dispatcher_nice=selection.dispatcher_nice,
+        slack_nice=selection.slack_nice,
     )
     context.progress.say(f"{label} starting the stack (service logs in {options.log_dir})")
     try:

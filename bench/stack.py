@@ -17,6 +17,7 @@ from urllib.parse import quote
 import asyncpg
 
 from bench.probes import BENCH_APPLICATION
+from services.cli.runtime import child_environment
 from shared.db import create_pool
 from shared.timers import broker_has_plugin
 from testbed import openai_server
@@ -48,6 +49,9 @@ class StackOptions:
     # The dispatchers' nice value: below 0 their timed sends go first when the cores are busy,
     # as a Kubernetes CPU request or compose's cpu_shares give them in a deployment.
     dispatcher_nice: int = 0
+    # The scheduler and the personalizer at the niceness `followups run all` gives them (the
+    # dispatcher's sends go first on busy cores); False: every service at the same priority.
+    slack_nice: bool = True
 
 
 async def plugin_available() -> bool:
@@ -161,16 +165,24 @@ class Stack:
         )
         self.options.log_dir.mkdir(parents=True, exist_ok=True)
         self.services = ServiceSet(env, self.options.log_dir, SERVICES, ready_timeout=READY_TIMEOUT)
+        for name, process in self.services.services.items():
+            process.env.update(self._priority(name))
         # Starting blocks while it waits for each service; the receivers keep serving meanwhile.
         await asyncio.to_thread(self.services.start)
         for replica in range(2, self.options.replicas + 1):
             for name in SCALED_OUT:
-                await asyncio.to_thread(self.services.add, f"{name}-{replica}", name)
+                await asyncio.to_thread(
+                    self.services.add, f"{name}-{replica}", name, **self._priority(name)
+                )
         if self.options.dispatcher_nice:
             for name, pid in self.service_pids().items():
                 if name.startswith("dispatcher"):
                     # Raising a priority needs CAP_SYS_NICE: without it the run stops here.
                     os.setpriority(os.PRIO_PROCESS, pid, self.options.dispatcher_nice)
+
+    def _priority(self, service: str) -> dict[str, str]:
+        """What `followups run all` adds to `service`'s environment for its priority."""
+        return child_environment(service, {}) if self.options.slack_nice else {}
 
     async def _down(self) -> None:
         if self.services is not None:

@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: LogFormat | None = None
 
+    # Added to the process's nice value at start. Where the services share a host's cores, the
+    # scheduler and the personalizer (seconds of slack) at 5 let the dispatcher's timed sends
+    # take a core first; `followups run all` starts them so.
+    cpu_nice: Annotated[int, Field(ge=0, le=19)] = 0
+
     # Health, readiness and metrics endpoints; HTTP_PORT unset: the service's own default port.
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65535)] | None = None

@@ -10,15 +10,20 @@ two-key form, so it can never collide with a lock of another use):
    yet calling; if not (cancelled, moved, taken over) it answers `lost` and nothing may be sent.
    A cancel that commits after this waits for the row and finds the call under way;
 2. honours the fleet-wide pause a 429 set (`gateway_pause`): answers when it ends;
-3. counts the calls in the window and the follow-ups already waiting for a place, in the order
-   places are handed out: priority (higher first), then due time, then id. The call may start
-   when there are more free places than waiters ahead of it that are due now (within
-   `DUE_SLACK`: a waiter whose time passed long ago is gone and does not hold a place up). It
-   then records the call, marks the row as calling and starts its lease from this instant;
-4. otherwise marks the row as waiting and answers the instant of its own future place: with k
-   waiters ahead, the k-th place that frees up (the window's oldest calls expire one by one, and
-   the calls the waiters ahead make expire in their turn). Each place is so offered to one
-   follow-up, and in order, instead of waking every waiter at the first opening.
+3. counts the calls in the window (whole seconds from `webhook_call_seconds`, calls per Unix
+   second kept by triggers on `webhook_calls`; the second the window starts in from the calls
+   themselves: exact, and as cheap at 100 sends/s as at 1) and the follow-ups already waiting
+   for a place, in the order places are handed out: priority (higher first), then due time,
+   then id. The call may start when there are more free places than waiters ahead of it that
+   are due now (within `DUE_SLACK`: a waiter whose time passed long ago is gone and does not
+   hold a place up). It then records the call, marks the row as calling and starts its lease
+   from this instant;
+4. otherwise reads the window's calls themselves (only now, to tell when each place frees up;
+   they also have the last word over the counts), marks the row as waiting and answers the
+   instant of its own future place: with k waiters ahead, the k-th place that frees up (the
+   window's oldest calls expire one by one, and the calls the waiters ahead make expire in
+   their turn). Each place is so offered to one follow-up, and in order, instead of waking
+   every waiter at the first opening.
 
 The migration that installs this version holds the same text (a test compares them).
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import httpx
@@ -76,3 +77,17 @@ async def test_every_service_serves_health_readiness_and_metrics(pool, bus, star
     assert timer_handlers == {"followups.timers.followups.dispatcher.due"}
     lateness = metric(dispatcher, "followups_send_lateness_seconds_sum") * 1000
     print(f"\nhealth e2e: ports {ports}, one send, lateness {lateness:.1f} ms")
+
+
+def nice_value(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name, in parentheses, may hold spaces: count fields after it.
+        after_name = stat.read().rsplit(")", 1)[1].split()
+    return int(after_name[16])
+
+
+async def test_each_service_lowers_its_priority_by_cpu_nice(start_services):
+    services = start_services(CPU_NICE="3")
+    for name, service in services.services.items():
+        assert service.process is not None
+        assert nice_value(service.process.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 3, name

@@ -12,6 +12,7 @@ from services.cli.checks import redact
 from services.cli.common import parse_duration, parse_moment
 from services.cli.deadletters import DeadLetter, resolve_queue, revalidate
 from services.cli.main import app
+from services.cli.runtime import child_environment
 from shared.topology import DISPATCHER_DUE, SCHEDULER_INBOX
 
 runner = CliRunner()
@@ -98,6 +99,16 @@ def test_run_all_refuses_one_fixed_port():
     result = runner.invoke(app, ["run", "all"], env={"HTTP_PORT": "8080"})
     assert result.exit_code == 2
     assert "HTTP_PORT" in result.output
+
+
+def test_run_all_lets_the_services_with_slack_yield_to_the_dispatcher():
+    environ = {"DATABASE_URL": "postgresql://db/followups"}
+    assert child_environment("scheduler", environ)["CPU_NICE"] == "5"
+    assert child_environment("personalizer", environ)["CPU_NICE"] == "5"
+    assert "CPU_NICE" not in child_environment("dispatcher", environ)
+    assert child_environment("dispatcher", environ)["DATABASE_URL"] == environ["DATABASE_URL"]
+    # The operator's own setting wins, 0 included.
+    assert child_environment("scheduler", {"CPU_NICE": "0"})["CPU_NICE"] == "0"
 
 
 @pytest.mark.parametrize(
