@@ -98,8 +98,14 @@ class AmqpPublisher:
 
     @property
     def is_connected(self) -> bool:
-        # A robust connection that lost its link is not closed, only waiting to reconnect.
-        return self._connection is not None and self._connection.connected.is_set()
+        # A robust connection that lost its link is not closed, only waiting to reconnect; and
+        # it says it is connected again a moment before it has reopened its channels.
+        return (
+            self._connection is not None
+            and self._connection.connected.is_set()
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         exchange = self._exchanges.get(name)
