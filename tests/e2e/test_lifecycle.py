@@ -6,6 +6,8 @@ import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.e2e.conftest import (
     publish_command,
     request_followup,
@@ -288,16 +290,21 @@ async def test_quiet_hours_move_a_send_to_the_end_of_the_window(
     assert row["deferred_until"] == end
 
 
+@pytest.mark.timeout(240)
 async def test_higher_priority_goes_first_when_sends_queue_up(pool, bus, receiver, start_services):
     contractor = await add_contractor(pool)
-    start_services(SMS_RATE_LIMIT_PER_MINUTE="2")
+    services = start_services(SMS_RATE_LIMIT_PER_MINUTE="2")
     for i in range(2):
         await request_followup(bus, contractor, soon(1.5), idempotency_key=f"filler-{i}")
     assert await wait_until(lambda: _sent_count(pool, 2), 20)
     due = soon(1.5)
     for name, priority in (("low-a", 0), ("high-a", 9), ("low-b", 1), ("high-b", 8)):
         await request_followup(bus, contractor, due, idempotency_key=name, priority=priority)
-    assert await wait_until(lambda: _sent_count(pool, 4), 90)
+    # Their places come a window (60.5 s) after the fillers' calls. Once in several full runs
+    # they came more than 90 s later (cause not found yet): the limit leaves room for one lease
+    # or sweep cycle, and a failure shows the dispatcher's log.
+    sent = await wait_until(lambda: _sent_count(pool, 4), 150)
+    assert sent, services["dispatcher"].log_text()[-6000:]
     order = [c.json["priority"] for c in receiver.calls[2:4]]
     assert min(order) >= 8, f"the first two sends after the window opened: priorities {order}"
 
