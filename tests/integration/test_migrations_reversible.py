@@ -12,7 +12,7 @@ import pytest
 
 from shared.migrate import MIGRATIONS_DIR, migrate, run_dbmate
 from testbed.infra import PG_ADMIN
-from tests.support.data import add_contractor
+from tests.support.data import add_contractor, miscounted_seconds
 
 COUNTS_MIGRATION = "20261203000001_send_window_counts.sql"
 
@@ -64,13 +64,6 @@ async def test_the_counts_start_from_the_calls_present(fresh_url):
             followup,
         )
         await asyncio.to_thread(migrate, fresh_url)
-        mismatched = await connection.fetch(
-            """SELECT * FROM webhook_call_seconds AS counted
-               FULL JOIN (SELECT floor(extract(epoch FROM called_at))::bigint AS epoch_second,
-                                 count(*) AS calls
-                          FROM webhook_calls GROUP BY 1) AS actual USING (epoch_second)
-               WHERE coalesce(counted.calls, 0) <> coalesce(actual.calls, 0)"""
-        )
-        assert mismatched == []
+        assert await miscounted_seconds(connection) == []
     finally:
         await connection.close()

@@ -88,3 +88,16 @@ def followup_row(**changes: Any) -> Followup:
     )
     values.update(changes)
     return Followup(**values)
+
+
+async def miscounted_seconds(db: asyncpg.Pool | asyncpg.Connection) -> list[asyncpg.Record]:
+    """Each second whose count in `webhook_call_seconds` differs from the calls it holds."""
+    return await db.fetch(
+        """SELECT epoch_second, coalesce(counted.calls, 0) AS counted,
+                  coalesce(actual.calls, 0) AS actual
+           FROM webhook_call_seconds AS counted
+           FULL JOIN (SELECT floor(extract(epoch FROM called_at))::bigint AS epoch_second,
+                             count(*) AS calls
+                      FROM webhook_calls GROUP BY 1) AS actual USING (epoch_second)
+           WHERE coalesce(counted.calls, 0) <> coalesce(actual.calls, 0)"""
+    )
