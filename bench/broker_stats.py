@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-MANAGEMENT = "http://127.0.0.1:15672/api"
+from testbed.infra import broker_node
+
 CREDENTIALS = base64.b64encode(b"guest:guest").decode()
 TIMER_PREFIX = "followups.timers."
 WORK_QUEUES = ("followups.personalizer.due", "followups.dispatcher.due")
@@ -49,14 +50,15 @@ class ManagementUnavailable(RuntimeError):
 
 
 def management_get(path: str, timeout: float = 10.0) -> Any:
-    request = urllib.request.Request(f"{MANAGEMENT}/{path}")
+    api = broker_node().management_api
+    request = urllib.request.Request(f"{api}/{path}")
     request.add_header("Authorization", f"Basic {CREDENTIALS}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
     except (urllib.error.URLError, OSError) as exc:
         raise ManagementUnavailable(
-            f"the management API on {MANAGEMENT} did not answer ({exc}): "
+            f"the management API on {api} did not answer ({exc}): "
             "`rabbitmq-plugins enable rabbitmq_management` (see docs/performance.md)"
         ) from exc
 
@@ -94,7 +96,7 @@ def parse_node_counters(text: str) -> NodeCounters:
 
 def node_counters() -> NodeCounters:
     result = subprocess.run(
-        ["rabbitmqctl", "-q", "eval", _EVAL], capture_output=True, text=True, timeout=60
+        broker_node().cli("eval", _EVAL), capture_output=True, text=True, timeout=60
     )
     if result.returncode != 0:
         raise RuntimeError(f"rabbitmqctl eval failed: {result.stderr.strip()}")

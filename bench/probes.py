@@ -14,6 +14,8 @@ from pathlib import Path
 
 import asyncpg
 
+from testbed.infra import broker_node
+
 PROC = Path("/proc")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -83,9 +85,6 @@ def is_broker(pid: int) -> bool:
         return False
 
 
-AMQP_PORT = 5672
-
-
 def listening_inodes(port: int, tables: Iterable[str] = ("tcp", "tcp6")) -> set[str]:
     """Socket inodes listening on `port` (state 0A in /proc/net/tcp*)."""
     found = set()
@@ -117,7 +116,7 @@ def the_broker(candidates: list[int]) -> list[int]:
     """The node the services use (listening on the AMQP port): other RabbitMQ nodes on the
     machine (someone's cluster test) are not counted as our broker."""
     nodes = [pid for pid in candidates if is_broker(pid)]
-    inodes = listening_inodes(AMQP_PORT)
+    inodes = listening_inodes(broker_node().amqp_port)
     ours = [pid for pid in nodes if holds_socket(pid, inodes)] if inodes else []
     return ours or nodes
 
@@ -286,7 +285,7 @@ class Sampler:
 
 def rabbitmqctl(*args: str) -> str:
     result = subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
+        broker_node().cli(*args), capture_output=True, text=True, timeout=60, check=False
     )
     return result.stdout if result.returncode == 0 else ""
 

@@ -12,7 +12,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import quote
 
 import asyncpg
 
@@ -21,7 +20,7 @@ from services.cli.runtime import child_environment
 from shared.db import create_pool
 from shared.timers import broker_has_plugin
 from testbed import openai_server
-from testbed.infra import AMQP_ROOT, PG_ADMIN, Infra, rabbitmqctl
+from testbed.infra import PG_ADMIN, Infra, broker_node, rabbitmqctl
 from testbed.openai_server import OpenAIServer
 from testbed.processes import ServiceSet
 from testbed.webhook_process import RemoteWebhookReceiver
@@ -60,7 +59,7 @@ async def plugin_available() -> bool:
     await asyncio.to_thread(rabbitmqctl, "add_vhost", name)
     try:
         await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", name, "guest", *[".*"] * 3)
-        return await broker_has_plugin(f"{AMQP_ROOT}{quote(name, safe='')}")
+        return await broker_has_plugin(broker_node().vhost_url(name))
     finally:
         await asyncio.to_thread(rabbitmqctl, "delete_vhost", name)
 
@@ -71,6 +70,7 @@ def service_env(
     return {
         "DATABASE_URL": infra.database_url,
         "RABBITMQ_URL": infra.rabbitmq_url,
+        "RABBITMQ_MANAGEMENT_URL": infra.rabbitmq_management_url,
         "DELAY_BACKEND": options.backend,
         "DELAY_QUEUE_TYPE": options.queue_type,
         "N8N_OUTBOUND_WEBHOOK_URL": webhook_url,

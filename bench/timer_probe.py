@@ -40,7 +40,7 @@ from shared.bus import AmqpPublisher
 from shared.settings import DelayBackend
 from shared.timers import make_timer
 from shared.topology import declare_topology
-from testbed.infra import AMQP_ROOT, rabbitmqctl
+from testbed.infra import broker_node, rabbitmqctl
 
 DESTINATION = WORK_QUEUES[0]
 MEASURED = timedelta(seconds=20)
@@ -54,7 +54,7 @@ async def scratch_vhost(label: str) -> AsyncIterator[str]:
     await asyncio.to_thread(rabbitmqctl, "add_vhost", name)
     try:
         await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", name, "guest", *[".*"] * 3)
-        url = f"{AMQP_ROOT}{quote(name, safe='')}"
+        url = broker_node().vhost_url(name)
         await declare_topology(url, backend="levels", queue_type="classic")
         yield name
     finally:
@@ -62,7 +62,7 @@ async def scratch_vhost(label: str) -> AsyncIterator[str]:
 
 
 def _url(vhost: str) -> str:
-    return f"{AMQP_ROOT}{quote(vhost, safe='')}"
+    return broker_node().vhost_url(vhost)
 
 
 async def _arm(vhost: str, delay: timedelta) -> datetime:

@@ -125,8 +125,8 @@ class Settings(BaseSettings):
     dispatch_max_attempts: Annotated[int, Field(ge=1, le=50)] = 3
     # The send timer fires this much early; the dispatcher claims and prepares the send, then
     # waits in place for the exact instant. It covers the timer's own lateness, which on a busy
-    # broker reached well past a quarter of a second: 1000 there (README: Exact time).
-    dispatch_margin_ms: Annotated[int, Field(ge=0, le=5000)] = 250
+    # broker reached well past a quarter of a second.
+    dispatch_margin_ms: Annotated[int, Field(ge=0, le=5000)] = 1000
 
     sweep_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 30
     sweep_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30

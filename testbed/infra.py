@@ -3,10 +3,12 @@ afterwards."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -15,7 +17,53 @@ import asyncpg
 from shared.migrate import migrate
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-AMQP_ROOT = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@dataclass(frozen=True)
+class BrokerNode:
+    """The RabbitMQ node that tests and benchmarks run against: the machine's own, unless
+    `TESTBED_RABBITMQ_NODE` (its Erlang node name, for the CLI), `TESTBED_AMQP_PORT` and
+    `TESTBED_MANAGEMENT_PORT` name another on this host, such as a second node that has a
+    plugin the machine's lacks."""
+
+    name: str | None = None
+    amqp_port: int = 5672
+    management_port: int = 15672
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> BrokerNode:
+        default = cls()
+        return cls(
+            name=environ.get("TESTBED_RABBITMQ_NODE") or None,
+            amqp_port=int(environ.get("TESTBED_AMQP_PORT") or default.amqp_port),
+            management_port=int(environ.get("TESTBED_MANAGEMENT_PORT") or default.management_port),
+        )
+
+    @property
+    def amqp_root(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def management_root(self) -> str:
+        """As the services' RABBITMQ_MANAGEMENT_URL takes it."""
+        return f"http://guest:guest@127.0.0.1:{self.management_port}"
+
+    @property
+    def management_api(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}/api"
+
+    def cli(self, *args: str) -> list[str]:
+        """A `rabbitmqctl` command line addressed to this node."""
+        node = ["-n", self.name] if self.name else []
+        return ["rabbitmqctl", "-q", *node, *args]
+
+    def vhost_url(self, vhost: str) -> str:
+        return f"{self.amqp_root}{quote(vhost, safe='')}"
+
+
+@functools.cache
+def broker_node() -> BrokerNode:
+    return BrokerNode.from_environment(os.environ)
 
 
 # A CLI call that hangs holds one of the few distribution ports the RabbitMQ CLI may use; enough
@@ -26,7 +74,7 @@ RABBITMQCTL_TIMEOUT_SECONDS = 180
 
 def rabbitmqctl(*args: str) -> None:
     with subprocess.Popen(
-        ["rabbitmqctl", "-q", *args],
+        broker_node().cli(*args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -58,7 +106,11 @@ class Infra:
 
     @property
     def rabbitmq_url(self) -> str:
-        return f"{AMQP_ROOT}{quote(self.name, safe='')}"
+        return broker_node().vhost_url(self.name)
+
+    @property
+    def rabbitmq_management_url(self) -> str:
+        return broker_node().management_root
 
     @classmethod
     def create(cls, label: str = "t") -> Infra:

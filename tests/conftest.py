@@ -22,7 +22,9 @@ async def infra() -> AsyncIterator[Infra]:
     created = Infra.create()
     try:
         await declare_topology(created.rabbitmq_url, backend="levels", queue_type="quorum")
-        async with Management.from_settings(created.rabbitmq_url) as management:
+        async with Management.from_settings(
+            created.rabbitmq_url, created.rabbitmq_management_url
+        ) as management:
             await apply_policies(management, QueueLimits())
         yield created
     finally:
@@ -34,6 +36,7 @@ def settings(infra: Infra) -> Settings:
     return Settings(
         database_url=infra.database_url,
         rabbitmq_url=infra.rabbitmq_url,
+        rabbitmq_management_url=infra.rabbitmq_management_url,
         delay_backend=DelayBackend.LEVELS,
         quiet_hours="off",
         log_format="json",

@@ -5,7 +5,7 @@ A cancel or reschedule that comes while the call is under way is decided when th
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from services.dispatcher.decisions import (
     Defer,
@@ -69,7 +69,8 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
 async def _not_claimed(due: TimerMessage, incoming: Incoming, deps: DispatcherDeps) -> None:
     """Most unclaimed timers are stale (cancelled, rescheduled, already sent) and are dropped.
     A row still held under another dispatcher's lease is looked at again when the lease ends,
-    so a dispatcher that died mid-send is taken over with the same Idempotency-Key."""
+    so a dispatcher that died mid-send is taken over with the same Idempotency-Key; one that
+    died between releasing a row to wait and arming its wake has it armed here."""
     row = await deps.repository.get(due.followup_id)
     bound = log.bind(followup_id=due.followup_id, stage="dispatch")
     if row is not None and _own_send_unannounced(row, due, incoming):
@@ -78,6 +79,11 @@ async def _not_claimed(due: TimerMessage, incoming: Incoming, deps: DispatcherDe
         # harmless to a reader keyed on the follow-up; none would leave the publisher guessing.
         bound.info("redelivered timer of a sent follow-up: announced again")
         await announce_sent(row, deps)
+        return
+    if row is not None and _wake_may_be_unarmed(row, due, incoming):
+        wake = _due_instant(row, deps.margin)
+        await arm_dispatch(deps.timer, row, wake, due.attempt)
+        bound.info("redelivered timer of a follow-up not due yet: armed again", at=wake.isoformat())
         return
     if row is None or is_stale(row, due, Status.SENDING):
         MESSAGES.labels("dispatcher", "stale").inc()
@@ -117,14 +123,10 @@ async def _dispatch(
     elif isinstance(decision, KeptRequestWins):
         await settle_unsent(PreparedSend(row, "", "", None, plan, incoming), None, None, deps)
     elif isinstance(decision, Defer):
-        await arm_dispatch(deps.timer, row, decision.until, row.attempts)
-        await deps.repository.release_for_retry(
-            row,
-            next_attempt_at=decision.until,
-            error="quiet_hours",
-            count_attempt=False,
-            deferred_reason=decision.reason,
-        )
+        if not await _wait_in_broker(
+            row, decision.until, deps, error="quiet_hours", deferred_reason=decision.reason
+        ):
+            return
         MESSAGES.labels("dispatcher", "deferred_quiet_hours").inc()
         log.info(
             "inside quiet hours; moved to the end of the window",
@@ -199,10 +201,8 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> tuple[GatewayRe
         return None
     if isinstance(place, WaitForPlace):
         wake = place.until
-        await arm_dispatch(deps.timer, row, wake, row.attempts)
-        await deps.repository.release_for_retry(
-            row, next_attempt_at=wake, error="rate_limited", count_attempt=False, waiting=True
-        )
+        if not await _wait_in_broker(row, wake, deps, error="rate_limited", waiting=True):
+            return None
         RATE_LIMIT_WAITS.inc()
         bound.info(
             "send window full; waiting in the broker for its place",
@@ -227,6 +227,57 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> tuple[GatewayRe
     SENDS.labels(result.outcome.value).inc()
     crash_point("after_webhook")
     return result, place.call_id
+
+
+async def _wait_in_broker(
+    row: Followup,
+    until: datetime,
+    deps: DispatcherDeps,
+    *,
+    error: str,
+    deferred_reason: str | None = None,
+    waiting: bool = False,
+) -> bool:
+    """Give the claim back and arm the wake for `until`; False when the claim was lost meanwhile
+    (cancelled, moved) and nothing is armed. Released first: a wake due at once (a place that
+    frees now, quiet hours that end now) comes within milliseconds, and finding the row still
+    claimed it would wait out the whole lease. Should the process stop between the two, the
+    delivery being handled comes again and arms the wake (`_wake_may_be_unarmed`)."""
+    released = await deps.repository.release_for_retry(
+        row,
+        next_attempt_at=until,
+        error=error,
+        count_attempt=False,
+        deferred_reason=deferred_reason,
+        waiting=waiting,
+    )
+    if not released:
+        MESSAGES.labels("dispatcher", "cancelled_before_call").inc()
+        log.info("cancelled or moved while being released; not sent", followup_id=row.id)
+        return False
+    crash_point("released_to_wait")
+    await arm_dispatch(deps.timer, row, until, row.attempts)
+    return True
+
+
+def _wake_may_be_unarmed(row: Followup, due: TimerMessage, incoming: Incoming) -> bool:
+    """A dispatcher released this row to wait (for a place, for quiet hours to end) and stopped
+    before it armed the wake: the timer it was handling comes again, and the row waits for a
+    later instant. Arming once more is harmless; the sweep would find the row only after its
+    grace."""
+    return (
+        incoming.redelivered
+        and due.kind is TimerKind.DISPATCH
+        and row.status is Status.SCHEDULED
+        and row.version == due.version
+    )
+
+
+def _due_instant(row: Followup, margin: timedelta) -> datetime:
+    send_at = row.scheduled_time - margin
+    if row.next_attempt_at is None:
+        return send_at
+    return max(send_at, row.next_attempt_at)
 
 
 def _own_send_unannounced(row: Followup, due: TimerMessage, incoming: Incoming) -> bool:

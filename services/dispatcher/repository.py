@@ -185,7 +185,7 @@ class DispatchRepository(OccurrenceRecord):
         deferred_reason: str | None = None,
         waiting: bool = False,
     ) -> bool:
-        """Back to `scheduled` before any call (the timer for it is already armed).
+        """Back to `scheduled` before any call; the caller arms the timer for it next.
         `deferred_reason` marks a move that is policy, not failure (quiet hours, send window);
         `waiting` keeps its turn for a place in the send window."""
         async with self._pool.acquire() as connection, connection.transaction():

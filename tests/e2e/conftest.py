@@ -43,6 +43,8 @@ def service_env(settings: Settings, receiver: WebhookReceiver, **overrides: str)
         # A free port each: test runs side by side must not fight over the default ports.
         "HTTP_PORT": "0",
     }
+    if settings.rabbitmq_management_url:
+        env["RABBITMQ_MANAGEMENT_URL"] = settings.rabbitmq_management_url
     env.update(overrides)
     return env
 
@@ -165,6 +167,20 @@ async def publish_command(bus: AmqpPublisher, routing_key: str, body: dict[str, 
         routing_key=routing_key,
         mandatory=False,
     )
+
+
+async def followup_id_for(pool: asyncpg.Pool, key: str) -> int:
+    """The row made for a request published with idempotency key `key`, once it is there."""
+
+    async def found() -> int | None:
+        return await pool.fetchval(
+            "SELECT id FROM contractor_followup_schedules WHERE idempotency_key = $1", f"key:{key}"
+        )
+
+    assert await wait_until(found, 20), f"no row for {key}"
+    row_id = await found()
+    assert row_id is not None
+    return row_id
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 30.0) -> bool:

@@ -6,13 +6,14 @@ import asyncio
 import random
 import subprocess
 
+from testbed.infra import broker_node
 from tests.e2e.conftest import request_followup, soon, wait_for_final
 from tests.e2e.test_guarantees import assert_delivered_once_each
 from tests.support.data import add_contractor
 
 
 def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+    subprocess.run(broker_node().cli(*args), check=True, capture_output=True, timeout=120)
 
 
 async def test_broker_restart_mid_run_loses_nothing(pool, bus, receiver, start_services):

@@ -13,7 +13,13 @@ import asyncpg
 
 from shared.topology import DISPATCHER_DUE, timer_queues
 from testbed.webhook import Call, Reply
-from tests.e2e.conftest import request_followup, soon, wait_for_final, wait_until
+from tests.e2e.conftest import (
+    followup_id_for,
+    request_followup,
+    soon,
+    wait_for_final,
+    wait_until,
+)
 from tests.support.data import add_contractor
 
 
@@ -130,6 +136,43 @@ async def test_a_dispatcher_killed_after_the_gateway_accepted_is_taken_over_with
     rows = await wait_for_final(pool, 1, timeout=60)
     assert_delivered_once_each(receiver, rows)
     assert len(receiver.calls) == 2, "the lease ran out and the send was repeated, same key"
+
+
+async def test_a_dispatcher_killed_between_releasing_a_row_to_wait_and_arming_its_wake(
+    pool, bus, receiver, start_services
+):
+    contractor = await add_contractor(pool)
+    services = start_services(
+        SMS_RATE_LIMIT_PER_MINUTE="1",
+        FOLLOWUPS_CRASH_AT="released_to_wait",
+        # The sweep would repair the row only after this: the wake must come from the redelivery.
+        SWEEP_GRACE_SECONDS="3600",
+    )
+    # The window's one place is taken by a call made 55 s ago: the next place frees in 5 s.
+    await request_followup(bus, contractor, soon(600), idempotency_key="blocker")
+    blocker = await followup_id_for(pool, "blocker")
+    blocked_until = await pool.fetchval(
+        """INSERT INTO webhook_calls (followup_id, send_key, attempt, called_at)
+           VALUES ($1, gen_random_uuid(), 1, clock_timestamp() - interval '55 seconds')
+           RETURNING called_at + interval '60 seconds'""",
+        blocker,
+    )
+    await request_followup(bus, contractor, soon(1.5), idempotency_key="waiter")
+    await asyncio.to_thread(services["dispatcher"].process.wait, 20)
+    assert not services["dispatcher"].alive, "the crash point killed the dispatcher"
+    waiter = await followup_id_for(pool, "waiter")
+    released = await pool.fetchrow(
+        "SELECT status, next_attempt_at FROM contractor_followup_schedules WHERE id = $1", waiter
+    )
+    assert released["status"] == "scheduled"
+    assert released["next_attempt_at"] >= blocked_until
+    services["dispatcher"].env.pop("FOLLOWUPS_CRASH_AT")
+    services["dispatcher"].start()
+    assert await wait_until(_calls_made(receiver, 1), 60), services["dispatcher"].log_text()[-4000:]
+    [call] = receiver.calls
+    assert call.json["followup_id"] == waiter
+    assert call.received_at >= blocked_until.timestamp()
+    assert "armed again" in services["dispatcher"].log_text()
 
 
 def _calls_made(receiver, n):

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote
 
 import aio_pika
 import pytest
@@ -22,7 +21,7 @@ import pytest
 from shared.bus import AmqpPublisher, publish_event
 from shared.schemas import FollowupRequested, LifecycleEvent, Status, parse_inbound
 from shared.topology import PUBLIC_EXCHANGE, SCHEDULER_INBOX
-from testbed.infra import AMQP_ROOT, rabbitmqctl
+from testbed.infra import broker_node, rabbitmqctl
 from tests.support.npm import npm_install
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -78,7 +77,7 @@ def bare_vhost() -> Iterator[str]:
     rabbitmqctl("add_vhost", name)
     try:
         rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"{AMQP_ROOT}{quote(name, safe='')}"
+        yield broker_node().vhost_url(name)
     finally:
         rabbitmqctl("delete_vhost", name)
 

@@ -14,6 +14,7 @@ from shared.errors import RetryLater
 from shared.metrics import PUBLISHED
 from shared.retry_policy import TRANSIENT
 from shared.topology import PUBLIC_EXCHANGE
+from testbed.infra import broker_node
 
 
 async def test_publish_is_confirmed_persistent_json_with_its_headers(settings, publisher):
@@ -74,7 +75,7 @@ async def test_publishing_before_connecting_says_what_to_do(settings):
 
 def _publishing_connection_pids(vhost: str, name: str) -> list[str]:
     listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "-p", vhost, "pid", "client_properties"],
+        broker_node().cli("list_connections", "-p", vhost, "pid", "client_properties"),
         capture_output=True,
         text=True,
         check=True,
@@ -95,9 +96,7 @@ async def test_a_dropped_publishing_connection_shows_and_comes_back(infra, setti
     name = f"tests-{uuid.uuid4().hex[:8]}"
     async with AmqpPublisher(settings.rabbitmq_url, name=name) as publisher:
         [pid] = _publishing_connection_pids(infra.name, name)
-        subprocess.run(
-            ["rabbitmqctl", "-q", "close_connection", pid, "closed by a test"], check=True
-        )
+        subprocess.run(broker_node().cli("close_connection", pid, "closed by a test"), check=True)
         assert await _until(lambda: not publisher.is_connected), "the drop went unnoticed"
         assert await _until(lambda: publisher.is_connected), "it never reconnected"
         await publisher.publish(

@@ -194,6 +194,59 @@ async def test_quiet_hours_move_the_send_and_arm_its_timer(publisher):
     assert [t["kind"] for t in publisher.timers()] == ["dispatch"]
 
 
+class Ordered(FakeRecord):
+    """Writes the release into the publisher's own record, so a test sees what came first."""
+
+    def __init__(self, row, context, publisher, *, slot=None, released=True) -> None:
+        super().__init__(row, context)
+        self.publisher = publisher
+        self.slot = slot or CallSlot(call_id=1, frees_at=None)
+        self.released = released
+
+    async def start_call(self, row, *, limit_per_minute, lease):
+        return self.slot
+
+    async def release_for_retry(self, row, **kwargs):
+        await super().release_for_retry(row, **kwargs)
+        self.publisher.published.append(("", "release_for_retry", b"{}"))
+        return self.released
+
+
+def _order(publisher: FakePublisher) -> list[str]:
+    return ["release" if key == "release_for_retry" else "arm" for _, key, _ in publisher.published]
+
+
+async def test_a_full_send_window_releases_the_row_before_arming_its_wake(publisher):
+    # A wake due at once is delivered within milliseconds: had it been armed first, it would
+    # find the row still claimed and wait out the lease.
+    full = CallSlot(call_id=None, frees_at=NOW)
+    record = Ordered(_row(), _context(), publisher, slot=full)
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(_due(), _deps(record, gateway, publisher))
+    assert gateway.requests == []
+    assert _order(publisher) == ["release", "arm"]
+    [(_, released)] = record.calls
+    assert released["waiting"] is True
+    assert released["next_attempt_at"] == NOW
+
+
+async def test_quiet_hours_release_the_row_before_arming_its_wake(publisher):
+    record = Ordered(_row(), _context(), publisher)
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    all_day = QuietHours(time(0, 0), time(23, 59))
+    await handle(_due(), _deps(record, gateway, publisher, quiet_hours=all_day))
+    assert _order(publisher) == ["release", "arm"]
+
+
+async def test_no_wake_is_armed_for_a_row_lost_while_it_was_released(publisher):
+    full = CallSlot(call_id=None, frees_at=NOW + timedelta(seconds=20))
+    record = Ordered(_row(), _context(), publisher, slot=full, released=False)
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(_due(), _deps(record, gateway, publisher))
+    assert _order(publisher) == ["release"]
+    assert publisher.events() == []
+
+
 async def test_a_429_pauses_the_fleet_and_retries(publisher):
     record = FakeRecord(_row(), _context())
     gateway = FakeGateway(GatewayResult(Outcome.RETRY, "http_429", 429, retry_after=5.0))
@@ -255,3 +308,31 @@ async def test_other_timers_of_a_sent_follow_up_are_dropped_silently(
     await handle(incoming, _deps(record, gateway, publisher))
     assert gateway.requests == []
     assert publisher.events() == []
+
+
+class Waiting(AlreadySent):
+    """The row was released to wait for a later instant (its place in the send window)."""
+
+
+@pytest.mark.parametrize(
+    ("incoming", "armed"),
+    [
+        pytest.param(_redelivered(), True, id="redelivered: its wake may never have been armed"),
+        pytest.param(_due(), False, id="a first delivery: a duplicate of the armed wake"),
+    ],
+)
+async def test_a_timer_of_a_row_waiting_for_later_arms_its_wake_only_when_redelivered(
+    publisher, incoming, armed
+):
+    later = NOW + timedelta(seconds=40)
+    record = Waiting(_row(status=Status.SCHEDULED, next_attempt_at=later), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(incoming, _deps(record, gateway, publisher))
+    assert gateway.requests == []
+    timers = publisher.timers()
+    if armed:
+        [timer] = timers
+        assert timer["kind"] == "dispatch"
+        assert datetime.fromisoformat(timer["fire_at"]) == later
+    else:
+        assert timers == []
