@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from shared.topology import TIMER_PLUGIN_EXCHANGE
 from testbed.infra import broker_node
 
 CREDENTIALS = base64.b64encode(b"guest:guest").decode()
@@ -149,8 +150,10 @@ def timer_work(
     node_before: NodeCounters | None = None,
     node_after: NodeCounters | None = None,
     vhost_publishes: int | None = None,
+    plugin_exchange: Mapping[str, Any] | None = None,
 ) -> TimerWork:
-    """From one vhost's queue list (management API) and the node counters around the run."""
+    """From one vhost's queue list (management API), the node counters around the run and,
+    for the plugin, its exchange's statistics."""
     timers = [q for q in queues if str(q["name"]).startswith(TIMER_PREFIX)]
     work = [q for q in queues if q["name"] in WORK_QUEUES]
     timer_publishes = sum(_stat(q, "publish") for q in timers) + sum(
@@ -163,9 +166,13 @@ def timer_work(
     if node_before is not None and node_after is not None and vhost_publishes is not None:
         other = max(0, node_after.received - node_before.received - vhost_publishes)
     if not timers:
-        # The plugin: no timer queues; each timer is one publish into its exchange (not a
-        # queue's figure) and one delivery into its work queue.
-        return TimerWork(0, into_work, into_work, True, into_work, 0, other)
+        # The plugin: no timer queues. Each timer is one publish into its exchange and one
+        # delivery from it into a work queue, which the queue counts as a publish of its own;
+        # what else the work queues took was published to them directly.
+        stats = (plugin_exchange or {}).get("message_stats") or {}
+        armed, delivered = int(stats.get("publish_in", 0)), int(stats.get("publish_out", 0))
+        direct = max(0, timer_publishes - delivered)
+        return TimerWork(0, armed + direct, delivered + into_work, True, delivered, 0, other)
     if all(c is not None for c in counts):
         between = sum(c - _stat(q, "publish") for c, q in zip(counts, timers, strict=True))
         return TimerWork(len(timers), timer_publishes, between + into_work, True, into_work, left)
@@ -201,8 +208,19 @@ async def settled_queues(vhost: str, patience: float = 30.0) -> list[dict[str, A
     return last
 
 
+def plugin_exchange(vhost: str) -> dict[str, Any] | None:
+    """The delayed-message exchange's statistics, or None where the vhost has none."""
+    try:
+        return dict(management_get(f"exchanges/{quote(vhost, safe='')}/{TIMER_PLUGIN_EXCHANGE}"))
+    except ManagementUnavailable:
+        return None
+
+
 async def measure_after(vhost: str, node_before: NodeCounters | None) -> TimerWork:
     queues = await settled_queues(vhost)
     published = await asyncio.to_thread(vhost_published, vhost)
     node_after = await asyncio.to_thread(node_counters) if node_before else None
-    return timer_work(queues, node_before, node_after, published)
+    delayed = None
+    if not any(str(q["name"]).startswith(TIMER_PREFIX) for q in queues):
+        delayed = await asyncio.to_thread(plugin_exchange, vhost)
+    return timer_work(queues, node_before, node_after, published, delayed)

@@ -23,12 +23,14 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 class BrokerNode:
     """The RabbitMQ node that tests and benchmarks run against: the machine's own, unless
     `TESTBED_RABBITMQ_NODE` (its Erlang node name, for the CLI), `TESTBED_AMQP_PORT` and
-    `TESTBED_MANAGEMENT_PORT` name another on this host, such as a second node that has a
-    plugin the machine's lacks."""
+    `TESTBED_MANAGEMENT_PORT` name another on this host, such as a second node that has the
+    delayed-message plugin the machine's lacks. The tests run the services with the timer
+    backend `TESTBED_DELAY_BACKEND` (default `levels`, which every broker can run)."""
 
     name: str | None = None
     amqp_port: int = 5672
     management_port: int = 15672
+    delay_backend: str = "levels"
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> BrokerNode:
@@ -37,6 +39,7 @@ class BrokerNode:
             name=environ.get("TESTBED_RABBITMQ_NODE") or None,
             amqp_port=int(environ.get("TESTBED_AMQP_PORT") or default.amqp_port),
             management_port=int(environ.get("TESTBED_MANAGEMENT_PORT") or default.management_port),
+            delay_backend=environ.get("TESTBED_DELAY_BACKEND") or default.delay_backend,
         )
 
     @property

@@ -14,6 +14,7 @@ import pytest
 from shared.bus import AmqpPublisher
 from shared.settings import Settings
 from shared.topology import PUBLIC_EXCHANGE
+from testbed.infra import broker_node
 from testbed.processes import ServiceSet
 from testbed.webhook import WebhookReceiver
 
@@ -30,7 +31,7 @@ def service_env(settings: Settings, receiver: WebhookReceiver, **overrides: str)
     env = {
         "DATABASE_URL": settings.database_url,
         "RABBITMQ_URL": settings.rabbitmq_url,
-        "DELAY_BACKEND": "levels",
+        "DELAY_BACKEND": broker_node().delay_backend,
         "N8N_OUTBOUND_WEBHOOK_URL": receiver.url,
         "WEBHOOK_ALLOW_INSECURE": "true",
         "QUIET_HOURS": "off",

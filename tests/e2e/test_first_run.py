@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from shared.calendar import quiet_until
 from shared.settings import QuietHours
+from testbed.infra import broker_node
 from testbed.processes import ServiceSet
 from tests.e2e.conftest import service_env, wait_until
 
@@ -30,7 +31,7 @@ def terminal_env(settings, quiet_hours: str) -> dict[str, str]:
     env.update(
         DATABASE_URL=settings.database_url,
         RABBITMQ_URL=settings.rabbitmq_url,
-        DELAY_BACKEND="levels",
+        DELAY_BACKEND=broker_node().delay_backend,
         QUIET_HOURS=quiet_hours,
         DEFAULT_TIMEZONE="America/New_York",
         COLUMNS="80",

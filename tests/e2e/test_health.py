@@ -8,6 +8,7 @@ import re
 
 import httpx
 
+from testbed.infra import broker_node
 from testbed.processes import ServiceProcess
 from tests.e2e.conftest import request_followup, soon, wait_for_final
 from tests.support.data import add_contractor
@@ -68,7 +69,8 @@ async def test_every_service_serves_health_readiness_and_metrics(pool, bus, star
     )
     assert received >= 1
     # A follow-up without AI gets one timer: its send.
-    assert metric(scheduler, "followups_timers_armed_total", backend="levels") == 1
+    backend = broker_node().delay_backend
+    assert metric(scheduler, "followups_timers_armed_total", backend=backend) == 1
     assert metric(dispatcher, "followups_sends_total", outcome="sent") == 1
     assert metric(dispatcher, "followups_send_lateness_seconds_count") == 1
     # The sweep's first pass runs at start.

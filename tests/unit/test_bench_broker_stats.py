@@ -74,7 +74,13 @@ def test_without_node_counters_a_quorum_vhost_has_no_hop_count():
     assert found.per_followup(3) is None
 
 
-def test_without_timer_queues_each_timer_is_one_publish_and_one_delivery():
-    found = timer_work([work("followups.dispatcher.due", delivered=20)])
+def test_the_plugin_counts_a_publish_into_its_exchange_and_a_delivery_out_of_it():
+    # 15 timers through the delayed exchange, 5 texts asked for at once straight to the queue.
+    queues = [work("followups.personalizer.due", delivered=20, publish=20)]
+    exchange = {"message_stats": {"publish_in": 15, "publish_out": 15}}
+    found = timer_work(queues, plugin_exchange=exchange)
     assert found.timer_queues == 0
-    assert found.total == 40
+    assert found.timer_publishes == 15 + 5
+    assert found.hops == 15
+    assert found.total == 35
+    assert found.exact
