@@ -31,6 +31,7 @@ async def upgraded() -> AsyncIterator[tuple[Settings, asyncpg.Pool]]:
     settings = Settings(
         database_url=infra.database_url,
         rabbitmq_url=infra.rabbitmq_url,
+        rabbitmq_management_url=infra.rabbitmq_management_url,
         delay_backend=DelayBackend.LEVELS,
         quiet_hours="off",
     )

@@ -35,9 +35,12 @@ async def test_far_ahead_one_lead_timer_asks_for_the_text_then_arms_the_send(
 ):
     """With a one-second lead, a send 80 s ahead takes one timer of kind `lead` to the
     dispatcher (cheaper than two long timers), which then asks the personalizer for the text and
-    arms the short send timer."""
+    arms the short send timer. The lead must exceed the dispatch margin by the time a text
+    takes, or the send is claimed before its text is ready: the margin is 250 ms here."""
     contractor = await add_contractor(pool)
-    start_services(SWEEP_INTERVAL_SECONDS="600", PERSONALIZE_LEAD_SECONDS="1")
+    start_services(
+        SWEEP_INTERVAL_SECONDS="600", PERSONALIZE_LEAD_SECONDS="1", DISPATCH_MARGIN_MS="250"
+    )
     for i in range(5):
         await request_followup(
             bus, contractor, soon(80 + i), idempotency_key=f"far-{i}", ai_should_personalize=True
