@@ -209,7 +209,7 @@ async def settled_queues(vhost: str, patience: float = 30.0) -> list[dict[str, A
 
 
 def plugin_exchange(vhost: str) -> dict[str, Any] | None:
-    """The delayed-message exchange's statistics, or None where the vhost has none."""
+    """The delayed-message exchange's statistics, or None where the vhost has none (levels)."""
     try:
         return dict(management_get(f"exchanges/{quote(vhost, safe='')}/{TIMER_PLUGIN_EXCHANGE}"))
     except ManagementUnavailable:
@@ -220,7 +220,5 @@ async def measure_after(vhost: str, node_before: NodeCounters | None) -> TimerWo
     queues = await settled_queues(vhost)
     published = await asyncio.to_thread(vhost_published, vhost)
     node_after = await asyncio.to_thread(node_counters) if node_before else None
-    delayed = None
-    if not any(str(q["name"]).startswith(TIMER_PREFIX) for q in queues):
-        delayed = await asyncio.to_thread(plugin_exchange, vhost)
+    delayed = await asyncio.to_thread(plugin_exchange, vhost)
     return timer_work(queues, node_before, node_after, published, delayed)
