@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from faststream import AckPolicy
@@ -29,6 +29,9 @@ class Incoming:
     headers: Mapping[str, Any] = field(default_factory=dict)
     message_id: str | None = None
     content_type: str | None = None
+    # The delivery may have been handled before: the broker redelivered it, or a transient
+    # failure here runs the handler again. Either way its earlier run may have stopped between
+    # a commit and the timers or events that follow it, and a handler looks for that.
     redelivered: bool = False
 
     @classmethod
@@ -157,3 +160,4 @@ async def _with_retries(handler: Handler, incoming: Incoming) -> None:
                 "transient failure; trying again", error=exc.__class__.__name__, pause_seconds=pause
             )
             await asyncio.sleep(pause)
+            incoming = replace(incoming, redelivered=True)

@@ -32,7 +32,7 @@ from shared.metrics import (
     TIMER_LATENESS,
 )
 from shared.occurrences import contractor_zone, is_stale
-from shared.pipeline import arm_after_lead, arm_dispatch, series_plan
+from shared.pipeline import arm_after_lead, arm_dispatch, arm_followup, series_plan
 from shared.rows import Followup, SendContext
 from shared.schemas import Status, TimerKind, TimerMessage, parse_timer
 from shared.timers import remaining, sleep_until, wait_until_due
@@ -70,7 +70,8 @@ async def _not_claimed(due: TimerMessage, incoming: Incoming, deps: DispatcherDe
     """Most unclaimed timers are stale (cancelled, rescheduled, already sent) and are dropped.
     A row still held under another dispatcher's lease is looked at again when the lease ends,
     so a dispatcher that died mid-send is taken over with the same Idempotency-Key; one that
-    died between releasing a row to wait and arming its wake has it armed here."""
+    died between releasing a row (to wait, to retry, to its new time) and arming its timers
+    has them armed here."""
     row = await deps.repository.get(due.followup_id)
     bound = log.bind(followup_id=due.followup_id, stage="dispatch")
     if row is not None and _own_send_unannounced(row, due, incoming):
@@ -84,6 +85,14 @@ async def _not_claimed(due: TimerMessage, incoming: Incoming, deps: DispatcherDe
         wake = _due_instant(row, deps.margin)
         await arm_dispatch(deps.timer, row, wake, due.attempt)
         bound.info("redelivered timer of a follow-up not due yet: armed again", at=wake.isoformat())
+        return
+    if row is not None and _move_may_be_unarmed(row, due, incoming):
+        await arm_followup(deps.timer, row, deps.personalize_lead, deps.margin)
+        bound.info(
+            "redelivered timer of a follow-up moved meanwhile: its timers armed again",
+            version=row.version,
+            scheduled_time=row.scheduled_time.isoformat(),
+        )
         return
     if row is None or is_stale(row, due, Status.SENDING):
         MESSAGES.labels("dispatcher", "stale").inc()
@@ -270,6 +279,18 @@ def _wake_may_be_unarmed(row: Followup, due: TimerMessage, incoming: Incoming) -
         and due.kind is TimerKind.DISPATCH
         and row.status is Status.SCHEDULED
         and row.version == due.version
+    )
+
+
+def _move_may_be_unarmed(row: Followup, due: TimerMessage, incoming: Incoming) -> bool:
+    """A dispatcher moved this row to a reschedule kept during its call and stopped before it
+    armed the new time's timers: the timer it was handling comes again, for the old version.
+    A reschedule by the scheduler armed its own; arming them once more is harmless."""
+    return (
+        incoming.redelivered
+        and due.kind is TimerKind.DISPATCH
+        and row.status is Status.SCHEDULED
+        and row.version > due.version
     )
 
 

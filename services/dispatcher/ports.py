@@ -3,7 +3,6 @@ with; `DispatchRepository` is the PostgreSQL one, a fake in a test is another.""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -25,11 +24,10 @@ class Sent:
 
 @dataclass(frozen=True)
 class Retry:
-    """Try again at `at`; `arm` publishes the timer for it (before the commit)."""
+    """Try again at `at` (its timer is armed once the row is released for it)."""
 
     at: datetime
     reason: str
-    arm: Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -103,5 +101,4 @@ class DispatchStore(Ends, Protocol):
         outcome: str,
         http_status: int | None,
         then: Retry | GiveUp,
-        arm_moved: Callable[[Followup], Awaitable[None]],
     ) -> Settled: ...

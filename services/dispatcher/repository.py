@@ -9,7 +9,6 @@ another dispatcher takes over only from an owner that is gone.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -238,13 +237,13 @@ class DispatchRepository(OccurrenceRecord):
         outcome: str,
         http_status: int | None,
         then: Retry | GiveUp,
-        arm_moved: Callable[[Followup], Awaitable[None]],
     ) -> Settled:
         """After a call the gateway did not accept (or a takeover that cannot know): record the
         call's end and decide, with the row locked, so a cancel or reschedule cannot slip in
         between. A cancel kept during the call wins (cancelled, the series ends), then a kept
-        reschedule (the new time under a new version, its timers armed before the commit);
-        only then `then`: a retry, or the end as failed."""
+        reschedule (the new time under a new version); only then `then`: a retry, or the end
+        as failed. The timers of a move or a retry are the caller's to arm, after the commit:
+        one armed before it can fire while the row still looks claimed, and be put off."""
         async with self._pool.acquire() as connection, connection.transaction():
             if call_id is not None:
                 await connection.execute(
@@ -278,10 +277,8 @@ class DispatchRepository(OccurrenceRecord):
                 return Settled(Settlement.CANCELLED, ending.row)
             if current.reschedule_to is not None:
                 moved = await move(connection, current, current.reschedule_to, stage="dispatcher")
-                await arm_moved(moved)
                 return Settled(Settlement.RESCHEDULED, moved)
             if isinstance(then, Retry):
-                await then.arm()
                 await _release(connection, current, then.at, then.reason, True, None, False)
                 return Settled(Settlement.RETRY, current)
             ending = await end_in(

@@ -14,6 +14,7 @@ from services.dispatcher.ports import GiveUp, Retry, Settlement
 from shared.bus import dead_letter
 from shared.consumer import Incoming
 from shared.events import announce, announce_rate_change
+from shared.faults import crash_point
 from shared.logging import get_logger
 from shared.metrics import MESSAGES, RETRIES
 from shared.occurrences import (
@@ -100,30 +101,26 @@ async def settle_unsent(
         draw=random.random(),
     )
     if isinstance(verdict, RetryAt):
-        retry_at = verdict.at
-
-        async def _arm_retry() -> None:
-            await arm_dispatch(deps.timer, row, retry_at, row.attempts + 1)
-
-        then = Retry(retry_at, verdict.reason, _arm_retry)
+        then = Retry(verdict.at, verdict.reason)
     else:
         then = GiveUp(verdict.reason, send.plan)
-
-    async def _arm_moved(moved: Followup) -> None:
-        await arm_followup(deps.timer, moved, deps.personalize_lead, deps.margin)
-
     settled = await deps.repository.settle_unsent(
         row,
         call_id=call_id,
         outcome=result.outcome.value if result else "unknown",
         http_status=result.http_status if result else None,
         then=then,
-        arm_moved=_arm_moved,
     )
+    if settled.kind in (Settlement.RETRY, Settlement.RESCHEDULED):
+        # Armed after the commit, so a timer due at once finds the row released. Should this
+        # process stop first, the delivery being handled comes again and arms them
+        # (`services.dispatcher.handlers._not_claimed`).
+        crash_point("settled_unarmed")
     if settled.kind is Settlement.LOST:
         bound.warning("call not accepted, and this dispatcher's claim was lost meanwhile")
     elif settled.kind is Settlement.RETRY:
         assert isinstance(then, Retry)
+        await arm_dispatch(deps.timer, row, then.at, row.attempts + 1)
         RETRIES.inc()
         bound.warning(
             "gateway refused for now; retrying",
@@ -143,6 +140,7 @@ async def settle_unsent(
             reason=settled.row.status_reason,
         )
     elif settled.kind is Settlement.RESCHEDULED and settled.row is not None:
+        await arm_followup(deps.timer, settled.row, deps.personalize_lead, deps.margin)
         MESSAGES.labels("dispatcher", "rescheduled_after_call").inc()
         bound.info(
             "reschedule kept during the call wins: moved, not retried",

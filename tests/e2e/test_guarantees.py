@@ -10,11 +10,13 @@ import time
 
 import aio_pika
 import asyncpg
+import pytest
 
 from shared.topology import DISPATCHER_DUE, timer_queues
 from testbed.webhook import Call, Reply
 from tests.e2e.conftest import (
     followup_id_for,
+    publish_command,
     request_followup,
     soon,
     wait_for_final,
@@ -173,6 +175,55 @@ async def test_a_dispatcher_killed_between_releasing_a_row_to_wait_and_arming_it
     assert call.json["followup_id"] == waiter
     assert call.received_at >= blocked_until.timestamp()
     assert "armed again" in services["dispatcher"].log_text()
+
+
+@pytest.mark.parametrize(
+    ("moved", "rearmed"),
+    [
+        pytest.param(False, "not due yet: armed again", id="to retry"),
+        pytest.param(True, "moved meanwhile: its timers armed again", id="to its new time"),
+    ],
+)
+async def test_a_dispatcher_killed_between_settling_a_failed_call_and_arming_its_timers(
+    pool, bus, receiver, start_services, moved, rearmed
+):
+    def first_call_fails_slowly(call: Call, calls: list[Call]) -> Reply:
+        # The retry comes after the restart, so the redelivered timer finds the row waiting.
+        return Reply(503, {"Retry-After": "8"}, delay=1.5) if not calls else Reply(200)
+
+    receiver.responder = first_call_fails_slowly
+    contractor = await add_contractor(pool)
+    services = start_services(
+        FOLLOWUPS_CRASH_AT="settled_unarmed",
+        # The sweep would repair the row only after this: the timers must come from the
+        # redelivery.
+        SWEEP_GRACE_SECONDS="3600",
+    )
+    await request_followup(bus, contractor, soon(1.5), idempotency_key="settled")
+    assert await wait_until(_calls_made(receiver, 1), 20)
+    new_time = soon(4)
+    if moved:
+        await publish_command(
+            bus,
+            "followup.reschedule_requested",
+            {"idempotency_key": "settled", "scheduled_time": new_time.isoformat()},
+        )
+    await asyncio.to_thread(services["dispatcher"].process.wait, 20)
+    assert not services["dispatcher"].alive, "the crash point killed the dispatcher"
+    followup_id = await followup_id_for(pool, "settled")
+    settled = await pool.fetchrow(
+        "SELECT status, version FROM contractor_followup_schedules WHERE id = $1", followup_id
+    )
+    assert (settled["status"], settled["version"]) == ("scheduled", 2 if moved else 1)
+    services["dispatcher"].env.pop("FOLLOWUPS_CRASH_AT")
+    services["dispatcher"].start()
+    [row] = await wait_for_final(pool, 1, timeout=60)
+    assert row["status"] == "sent"
+    assert len(receiver.calls) == 2
+    assert {c.headers["idempotency-key"] for c in receiver.calls} == {str(row["send_key"])}
+    if moved:
+        assert receiver.calls[1].received_at >= new_time.timestamp(), "sent at the new time"
+    assert rearmed in services["dispatcher"].log_text()
 
 
 def _calls_made(receiver, n):

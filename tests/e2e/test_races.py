@@ -106,6 +106,36 @@ async def test_a_reschedule_during_a_call_that_fails_moves_it_to_the_new_time(
     assert receiver.calls[1].received_at >= new_time.timestamp(), "sent at the new time"
 
 
+async def test_a_reschedule_to_now_during_a_call_that_fails_is_sent_at_once(
+    pool, bus, receiver, start_services
+):
+    """The new time has passed when the failed call ends, so its timer is due at once: armed
+    before the move's commit it could reach a dispatcher that still found the row claimed and
+    drop it, leaving the send to the sweep."""
+
+    def first_calls_fail_slowly(call: Call, calls: list[Call]) -> Reply:
+        first = all(c.json["followup_id"] != call.json["followup_id"] for c in calls)
+        return Reply(503, delay=1.5) if first else Reply(200)
+
+    receiver.responder = first_calls_fail_slowly
+    contractor = await add_contractor(pool)
+    # The sweep would repair a dropped timer only after this: the send must come from the move.
+    start_services(SWEEP_GRACE_SECONDS="3600")
+    keys = [f"now-{i}" for i in range(5)]
+    for key in keys:
+        await request_followup(bus, contractor, soon(2), idempotency_key=key)
+    assert await wait_until(_called(receiver, len(keys)), 20)
+    for key in keys:
+        await publish_command(
+            bus,
+            "followup.reschedule_requested",
+            {"idempotency_key": key, "scheduled_time": soon(0.2).isoformat()},
+        )
+    rows = await wait_for_final(pool, len(keys), timeout=30)
+    assert [(r["status"], r["version"]) for r in rows] == [("sent", 2)] * len(keys)
+    assert len(receiver.calls) == 2 * len(keys)
+
+
 async def test_a_cancel_during_an_accepted_call_is_recorded_as_too_late(
     pool, bus, receiver, start_services
 ):

@@ -341,18 +341,13 @@ async def test_a_cancel_racing_the_decision_after_a_failed_call_is_never_lost(
         followup_id = await add_due(pool, contractor, key=f"race-{attempt}")
         claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
         slot = await repository.start_call(claimed, limit_per_minute=1000, lease=LEASE)
-
-        async def arm() -> None:
-            await asyncio.sleep(0)
-
         at = datetime.now(UTC) + timedelta(seconds=30)
         settle = repository.settle_unsent(
             claimed,
             call_id=slot.call_id,
             outcome="retry",
             http_status=503,
-            then=Retry(at, "http_503", arm),
-            arm_moved=arm,
+            then=Retry(at, "http_503"),
         )
         settled, _ = await asyncio.gather(
             settle, store.cancel(Reference(followup_id=followup_id), "race")
@@ -375,16 +370,12 @@ async def test_an_opt_out_during_a_call_is_kept_like_a_cancel(pool, store, repos
         opt_out=True,
     )
 
-    async def arm(*_args) -> None:
-        raise AssertionError("nothing is armed for an opted-out contractor")
-
     settled = await repository.settle_unsent(
         claimed,
         call_id=slot.call_id,
         outcome="retry",
         http_status=503,
         then=GiveUp("http_503", None),
-        arm_moved=arm,
     )
     assert settled.kind is Settlement.CANCELLED
     assert (await row(pool, followup_id))["status_reason"] == "opted_out"

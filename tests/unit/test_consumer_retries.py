@@ -19,9 +19,11 @@ class Flaky:
     def __init__(self, failures: list[Exception]) -> None:
         self.failures = failures
         self.calls = 0
+        self.redelivered: list[bool] = []
 
-    async def __call__(self, _incoming: Incoming) -> None:
+    async def __call__(self, incoming: Incoming) -> None:
         self.calls += 1
+        self.redelivered.append(incoming.redelivered)
         if self.failures:
             raise self.failures.pop(0)
 
@@ -33,6 +35,14 @@ async def test_a_transient_failure_is_tried_again_until_it_passes():
     handler = Flaky([RetryLater("broker busy"), ConnectionResetError()])
     await consumer._with_retries(handler, INCOMING)
     assert handler.calls == 3
+
+
+async def test_a_run_after_a_transient_failure_is_told_the_delivery_may_have_been_handled():
+    """The failed run may have committed before its timer publish failed: the next run must
+    know to arm it, as it would for the broker's redelivery."""
+    handler = Flaky([RetryLater("publish not confirmed"), RetryLater("again")])
+    await consumer._with_retries(handler, INCOMING)
+    assert handler.redelivered == [False, True, True]
 
 
 async def test_a_failure_that_outlasts_the_retries_goes_back_to_the_broker():

@@ -74,10 +74,9 @@ class FakeRecord(DispatchStore):
         self.calls.append(("mark_sent", kwargs))
         return Sent(dataclasses.replace(row, status=Status.SENT), None, None)
 
-    async def settle_unsent(self, row, *, call_id, outcome, http_status, then, arm_moved):
+    async def settle_unsent(self, row, *, call_id, outcome, http_status, then):
         self.calls.append(("settle_unsent", {"then": then, "outcome": outcome}))
         if isinstance(then, Retry):
-            await then.arm()
             return Settled(Settlement.RETRY, row)
         failed = dataclasses.replace(row, status=Status.FAILED, status_reason=then.reason)
         return Settled(Settlement.FAILED, failed)
@@ -93,6 +92,10 @@ class FakeGateway(Gateway):
     async def send(self, request: SmsRequest) -> GatewayResult:
         self.requests.append(request)
         return self.result
+
+
+# Not an exchange: where a fake record writes its commits among the publishes, in order.
+RECORD_MARK = "(record)"
 
 
 class FakePublisher:
@@ -111,7 +114,7 @@ class FakePublisher:
         return [key for exchange, key, _ in self.published if exchange == DEAD_LETTER_EXCHANGE]
 
     def timers(self) -> list[dict]:
-        skip = (PUBLIC_EXCHANGE, DEAD_LETTER_EXCHANGE)
+        skip = (PUBLIC_EXCHANGE, DEAD_LETTER_EXCHANGE, RECORD_MARK)
         return [json.loads(body) for exchange, _, body in self.published if exchange not in skip]
 
 
@@ -208,12 +211,16 @@ class Ordered(FakeRecord):
 
     async def release_for_retry(self, row, **kwargs):
         await super().release_for_retry(row, **kwargs)
-        self.publisher.published.append(("", "release_for_retry", b"{}"))
+        self.publisher.published.append((RECORD_MARK, "release_for_retry", b"{}"))
         return self.released
 
 
 def _order(publisher: FakePublisher) -> list[str]:
-    return ["release" if key == "release_for_retry" else "arm" for _, key, _ in publisher.published]
+    return [
+        "release" if exchange == RECORD_MARK else "arm"
+        for exchange, _, _ in publisher.published
+        if exchange != PUBLIC_EXCHANGE
+    ]
 
 
 async def test_a_full_send_window_releases_the_row_before_arming_its_wake(publisher):
@@ -245,6 +252,50 @@ async def test_no_wake_is_armed_for_a_row_lost_while_it_was_released(publisher):
     await handle(_due(), _deps(record, gateway, publisher))
     assert _order(publisher) == ["release"]
     assert publisher.events() == []
+
+
+class SettledFirst(FakeRecord):
+    """Writes the settlement's commit into the publisher's own record; `moved_to` plays a
+    reschedule kept during the call."""
+
+    def __init__(self, row, context, publisher, *, moved_to=None) -> None:
+        super().__init__(row, context)
+        self.publisher = publisher
+        self.moved_to = moved_to
+
+    async def settle_unsent(self, row, **kwargs):
+        settled = await super().settle_unsent(row, **kwargs)
+        self.publisher.published.append((RECORD_MARK, "release_for_retry", b"{}"))
+        if self.moved_to is None:
+            return settled
+        moved = dataclasses.replace(
+            row, status=Status.SCHEDULED, version=row.version + 1, scheduled_time=self.moved_to
+        )
+        return Settled(Settlement.RESCHEDULED, moved)
+
+
+async def test_a_retry_is_armed_once_the_row_is_released_for_it(publisher):
+    # Armed before the commit, a timer due at once would find the row still claimed.
+    record = SettledFirst(_row(), _context(), publisher)
+    gateway = FakeGateway(GatewayResult(Outcome.RETRY, "http_503", 503))
+    await handle(_due(), _deps(record, gateway, publisher))
+    assert _order(publisher) == ["release", "arm"]
+    assert [t["attempt"] for t in publisher.timers()] == [2]
+
+
+async def test_a_reschedule_kept_during_a_failed_call_is_armed_once_the_move_is_committed(
+    publisher,
+):
+    record = SettledFirst(_row(), _context(), publisher, moved_to=NOW)
+    gateway = FakeGateway(GatewayResult(Outcome.RETRY, "http_503", 503))
+    await handle(_due(), _deps(record, gateway, publisher))
+    order = _order(publisher)
+    assert order[0] == "release"
+    assert set(order[1:]) == {"arm"}
+    timers = publisher.timers()
+    assert timers, "the new time has its timers"
+    assert {t["version"] for t in timers} == {2}
+    assert publisher.events() == ["followup.scheduled"]
 
 
 async def test_a_429_pauses_the_fleet_and_retries(publisher):
@@ -334,5 +385,30 @@ async def test_a_timer_of_a_row_waiting_for_later_arms_its_wake_only_when_redeli
         [timer] = timers
         assert timer["kind"] == "dispatch"
         assert datetime.fromisoformat(timer["fire_at"]) == later
+    else:
+        assert timers == []
+
+
+@pytest.mark.parametrize(
+    ("incoming", "armed"),
+    [
+        pytest.param(_redelivered(version=1), True, id="redelivered: the move may be unarmed"),
+        pytest.param(_due(), False, id="a first delivery: a stale timer"),
+    ],
+)
+async def test_a_timer_of_an_earlier_version_arms_the_moved_row_only_when_redelivered(
+    publisher, incoming, armed
+):
+    moved_to = NOW + timedelta(seconds=40)
+    record = Waiting(_row(status=Status.SCHEDULED, version=2, scheduled_time=moved_to), None)
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(incoming, _deps(record, gateway, publisher))
+    assert gateway.requests == []
+    timers = publisher.timers()
+    if armed:
+        assert timers
+        assert {t["version"] for t in timers} == {2}
+        dispatch = [t for t in timers if t["kind"] in ("dispatch", "lead")]
+        assert dispatch, "a send timer for the new time"
     else:
         assert timers == []
