@@ -20,7 +20,6 @@ from services.dispatcher.deps import DispatcherDeps, PreparedSend
 from services.dispatcher.gateway import GatewayResult, Outcome, SmsRequest
 from services.dispatcher.settle import announce_sent, end, settle_sent, settle_unsent
 from shared.consumer import Incoming
-from shared.db import persist
 from shared.faults import crash_point
 from shared.logging import get_logger
 from shared.metrics import (
@@ -166,15 +165,10 @@ async def _call(send: PreparedSend, deps: DispatcherDeps) -> None:
     if made is None:
         return
     result, call_id = made
-
-    async def _record() -> None:
-        if result.outcome is Outcome.SENT:
-            await settle_sent(send, result, call_id, deps)
-        else:
-            await settle_unsent(send, result, call_id, deps)
-
-    # The call has happened: a lost connection now must not run the whole message again.
-    await persist(_record)
+    if result.outcome is Outcome.SENT:
+        await settle_sent(send, result, call_id, deps)
+    else:
+        await settle_unsent(send, result, call_id, deps)
 
 
 async def _take_place(row: Followup, deps: DispatcherDeps) -> bool:

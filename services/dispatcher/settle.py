@@ -1,6 +1,12 @@
 """The end of a send: record a call the gateway accepted (sent, and the next occurrence of a
 recurring one) or one it did not (a kept cancel or reschedule wins, else a retry or the end as
-failed), and end an occurrence before any call; then the log line, the metrics and the events."""
+failed), and end an occurrence before any call; then the log line, the metrics and the events.
+
+After a call, each write runs again across lost database connections (`persist`): the call has
+happened, and running the whole message again would make another. The timers and events after
+a write are outside it: run again, a committed write would find its claim gone and arm or
+announce nothing; failing instead, the message runs again and its redelivery repairs arm and
+announce what is missing."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from services.dispatcher.gateway import GatewayResult
 from services.dispatcher.ports import GiveUp, Retry, Settlement
 from shared.bus import dead_letter
 from shared.consumer import Incoming
+from shared.db import persist
 from shared.events import announce, announce_rate_change
 from shared.faults import crash_point
 from shared.logging import get_logger
@@ -43,14 +50,16 @@ async def settle_sent(
         http_status=result.http_status,
     )
     real = deps.gateway.sent_by == "dispatcher"
-    outcome = await deps.repository.mark_sent(
-        row,
-        call_id=call_id,
-        http_status=result.http_status,
-        sent_by=deps.gateway.sent_by,
-        note=None if real else "console sink: not delivered to a gateway",
-        text_fallback_reason=send.text_note,
-        next_occurrence=send.plan,
+    outcome = await persist(
+        lambda: deps.repository.mark_sent(
+            row,
+            call_id=call_id,
+            http_status=result.http_status,
+            sent_by=deps.gateway.sent_by,
+            note=None if real else "console sink: not delivered to a gateway",
+            text_fallback_reason=send.text_note,
+            next_occurrence=send.plan,
+        )
     )
     sent = outcome.row
     if sent is None:
@@ -86,8 +95,11 @@ async def settle_unsent(
     )
     pause = fleet_pause(result)
     if pause is not None:
-        change = await deps.repository.pause_gateway(
-            deps.clock() + pause, "http_429", policy=deps.rate_policy, followup_id=row.id
+        until = deps.clock() + pause
+        change = await persist(
+            lambda: deps.repository.pause_gateway(
+                until, "http_429", policy=deps.rate_policy, followup_id=row.id
+            )
         )
         bound.warning("gateway asked the fleet to slow down", pause_seconds=pause.seconds)
         if change is not None:
@@ -104,12 +116,14 @@ async def settle_unsent(
         then = Retry(verdict.at, verdict.reason)
     else:
         then = GiveUp(verdict.reason, send.plan)
-    settled = await deps.repository.settle_unsent(
-        row,
-        call_id=call_id,
-        outcome=result.outcome.value if result else "unknown",
-        http_status=result.http_status if result else None,
-        then=then,
+    settled = await persist(
+        lambda: deps.repository.settle_unsent(
+            row,
+            call_id=call_id,
+            outcome=result.outcome.value if result else "unknown",
+            http_status=result.http_status if result else None,
+            then=then,
+        )
     )
     if settled.kind in (Settlement.RETRY, Settlement.RESCHEDULED):
         # Armed after the commit, so a timer due at once finds the row released. Should this

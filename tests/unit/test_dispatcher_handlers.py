@@ -155,6 +155,41 @@ async def test_a_sent_follow_up_is_recorded_and_announced(publisher):
     assert publisher.events() == ["followup.sent"]
 
 
+async def test_a_lost_database_connection_while_recording_the_call_runs_only_the_record_again(
+    publisher,
+):
+    class Flaky(FakeRecord):
+        async def mark_sent(self, row, **kwargs):
+            if "mark_sent" not in self.names():
+                self.calls.append(("mark_sent", kwargs))
+                raise ConnectionResetError("connection to the database lost")
+            return await super().mark_sent(row, **kwargs)
+
+    record = Flaky(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(_due(), _deps(record, gateway, publisher))
+    assert len(gateway.requests) == 1, "the call is not made again"
+    assert record.names() == ["mark_sent", "mark_sent"]
+    assert publisher.events() == ["followup.sent"]
+
+
+async def test_an_event_that_fails_after_the_record_is_left_to_the_redelivery(publisher):
+    """Run again, the committed write would find its claim gone and announce nothing; raised,
+    the message runs again and its redelivered timer announces the send."""
+
+    class Refusing(FakePublisher):
+        async def publish(self, body, *, exchange, **kwargs):
+            if exchange == PUBLIC_EXCHANGE:
+                raise ConnectionResetError("connection to the broker lost")
+            await super().publish(body, exchange=exchange, **kwargs)
+
+    record = FakeRecord(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    with pytest.raises(ConnectionResetError):
+        await handle(_due(), _deps(record, gateway, Refusing()))
+    assert record.names() == ["mark_sent"]
+
+
 async def test_the_call_place_is_free_again_while_the_outcome_is_recorded(publisher):
     places = asyncio.Semaphore(1)
     free_while_recording: list[bool] = []
