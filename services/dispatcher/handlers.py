@@ -80,18 +80,20 @@ async def _not_claimed(due: TimerMessage, incoming: Incoming, deps: DispatcherDe
         bound.info("redelivered timer of a sent follow-up: announced again")
         await announce_sent(row, deps)
         return
-    if row is not None and _wake_may_be_unarmed(row, due, incoming):
-        wake = _due_instant(row, deps.margin)
-        await arm_dispatch(deps.timer, row, wake, due.attempt)
-        bound.info("redelivered timer of a follow-up not due yet: armed again", at=wake.isoformat())
-        return
-    if row is not None and _move_may_be_unarmed(row, due, incoming):
-        await arm_followup(deps.timer, row, deps.personalize_lead, deps.margin)
-        bound.info(
-            "redelivered timer of a follow-up moved meanwhile: its timers armed again",
-            version=row.version,
-            scheduled_time=row.scheduled_time.isoformat(),
-        )
+    if row is not None and _timers_may_be_unarmed(row, due, incoming):
+        if row.version == due.version:
+            wake = _due_instant(row, deps.margin)
+            await arm_dispatch(deps.timer, row, wake, due.attempt)
+            bound.info(
+                "redelivered timer of a follow-up not due yet: armed again", at=wake.isoformat()
+            )
+        else:
+            await arm_followup(deps.timer, row, deps.personalize_lead, deps.margin)
+            bound.info(
+                "redelivered timer of a follow-up moved meanwhile: its timers armed again",
+                version=row.version,
+                scheduled_time=row.scheduled_time.isoformat(),
+            )
         return
     if row is None or is_stale(row, due, Status.SENDING):
         MESSAGES.labels("dispatcher", "stale").inc()
@@ -245,7 +247,7 @@ async def _wait_in_broker(
     (cancelled, moved) and nothing is armed. Released first: a wake due at once (a place that
     frees now, quiet hours that end now) comes within milliseconds, and finding the row still
     claimed it would wait out the whole lease. Should the process stop between the two, the
-    delivery being handled comes again and arms the wake (`_wake_may_be_unarmed`)."""
+    delivery being handled comes again and arms the wake (`_timers_may_be_unarmed`)."""
     released = await deps.repository.release_for_retry(
         row,
         next_attempt_at=until,
@@ -263,28 +265,17 @@ async def _wait_in_broker(
     return True
 
 
-def _wake_may_be_unarmed(row: Followup, due: TimerMessage, incoming: Incoming) -> bool:
-    """A dispatcher released this row to wait (for a place, for quiet hours to end) and stopped
-    before it armed the wake: the timer it was handling comes again, and the row waits for a
-    later instant. Arming once more is harmless; the sweep would find the row only after its
-    grace."""
+def _timers_may_be_unarmed(row: Followup, due: TimerMessage, incoming: Incoming) -> bool:
+    """A dispatcher released this row and stopped before it armed the timer for what comes
+    next: a wake (a place in the send window, the end of quiet hours), a retry, or, at a newer
+    version, the new time of a reschedule kept during its call. The timer it was handling comes
+    again. Arming once more is harmless (a reschedule by the scheduler armed its own); the
+    sweep would find the row only after its grace."""
     return (
         incoming.redelivered
         and due.kind is TimerKind.DISPATCH
         and row.status is Status.SCHEDULED
-        and row.version == due.version
-    )
-
-
-def _move_may_be_unarmed(row: Followup, due: TimerMessage, incoming: Incoming) -> bool:
-    """A dispatcher moved this row to a reschedule kept during its call and stopped before it
-    armed the new time's timers: the timer it was handling comes again, for the old version.
-    A reschedule by the scheduler armed its own; arming them once more is harmless."""
-    return (
-        incoming.redelivered
-        and due.kind is TimerKind.DISPATCH
-        and row.status is Status.SCHEDULED
-        and row.version > due.version
+        and row.version >= due.version
     )
 
 
