@@ -4,12 +4,13 @@ passes from the checks to the call (`PreparedSend`)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 from services.dispatcher.gateway import Gateway
 from services.dispatcher.ports import DispatchStore
+from services.dispatcher.resumable import ResumableClaims
 from shared.bus import Publisher
 from shared.consumer import Incoming
 from shared.occurrences import NextOccurrence
@@ -39,6 +40,7 @@ class DispatcherDeps:
     # the adaptive send rate: rate_limit_per_minute is its ceiling
     rate_floor: int = DEFAULT_MIN_PER_MINUTE
     recovery_deliveries: int = DEFAULT_RECOVERY_DELIVERIES
+    resumable: ResumableClaims = field(default_factory=ResumableClaims)
 
     @property
     def rate_policy(self) -> RatePolicy:

@@ -32,6 +32,7 @@ from shared.metrics import (
 )
 from shared.occurrences import contractor_zone, is_stale
 from shared.pipeline import arm_after_lead, arm_dispatch, arm_followup, series_plan
+from shared.retry_policy import TRANSIENT
 from shared.rows import Followup, SendContext
 from shared.schemas import Status, TimerKind, TimerMessage, parse_timer
 from shared.timers import remaining, sleep_until, wait_until_due
@@ -58,11 +59,26 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
     if due.kind is TimerKind.LEAD:
         await arm_after_lead(deps.timer, due, deps.personalize_lead, deps.clock())
         return
-    claimed = await deps.repository.claim(due.followup_id, due.version, deps.lease, deps.margin)
+    claimed = await deps.repository.claim(
+        due.followup_id,
+        due.version,
+        deps.lease,
+        deps.margin,
+        resume=deps.resumable.held(due.followup_id),
+    )
+    deps.resumable.forget(due.followup_id)
     if claimed is None:
         await _not_claimed(due, incoming, deps)
         return
-    await _dispatch(*claimed, incoming, deps)
+    row, context = claimed
+    try:
+        await _dispatch(row, context, incoming, deps)
+    except TRANSIENT:
+        # The claim may still be this process's, under a live lease: the next run of this
+        # delivery takes it back at once instead of waiting the lease out.
+        assert row.claim_id is not None
+        deps.resumable.keep(row.id, row.claim_id)
+        raise
 
 
 async def _not_claimed(due: TimerMessage, incoming: Incoming, deps: DispatcherDeps) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
+from uuid import UUID
 
 from services.dispatcher.send_window import CallSlot
 from shared.occurrences import Ends, NextOccurrence
@@ -57,7 +58,13 @@ class DispatchStore(Ends, Protocol):
     async def get(self, followup_id: int) -> Followup | None: ...
 
     async def claim(
-        self, followup_id: int, version: int, lease: timedelta, early: timedelta
+        self,
+        followup_id: int,
+        version: int,
+        lease: timedelta,
+        early: timedelta,
+        *,
+        resume: UUID | None = None,
     ) -> tuple[Followup, SendContext | None] | None: ...
 
     async def renew(self, row: Followup, lease: timedelta) -> bool: ...

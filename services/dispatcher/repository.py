@@ -10,6 +10,7 @@ another dispatcher takes over only from an owner that is gone.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from uuid import UUID
 
 import asyncpg
 
@@ -43,23 +44,31 @@ _ROW = row_columns("f")
 
 _CLAIM = f"""
     WITH previous AS (
-        SELECT status FROM contractor_followup_schedules WHERE id = $1),
+        SELECT status, claim_id FROM contractor_followup_schedules WHERE id = $1),
     claimed AS (
         UPDATE contractor_followup_schedules AS f
         SET status = 'sending', claim_id = gen_random_uuid(), claimed_at = clock_timestamp(),
             lease_until = clock_timestamp() + $3::interval, calling_since = NULL,
-            attempts = f.attempts + 1, updated_at = now()
+            -- a claim taken back by its own process before its call started is the same
+            -- attempt
+            attempts = f.attempts + CASE WHEN f.claim_id = $5::uuid AND f.calling_since IS NULL
+                                         THEN 0 ELSE 1 END,
+            updated_at = now()
         FROM previous
         WHERE f.id = $1 AND f.version = $2
           AND f.scheduled_time <= clock_timestamp() + $4::interval
           AND ((f.status = 'scheduled' AND (f.next_attempt_at IS NULL
                                             OR f.next_attempt_at <= clock_timestamp()))
-               OR (f.status = 'sending' AND f.lease_until < clock_timestamp()))
-        RETURNING previous.status AS previous_status, {_ROW}),
+               OR (f.status = 'sending' AND (f.lease_until < clock_timestamp()
+                                             OR f.claim_id = $5::uuid)))
+        RETURNING previous.status AS previous_status,
+                  previous.claim_id = $5::uuid AS resumed, {_ROW}),
     logged AS (
         {LOG_TRANSITIONS}
         SELECT id, 'dispatcher', previous_status, 'sending',
-               jsonb_build_object('attempt', attempts, 'takeover', previous_status = 'sending')
+               jsonb_strip_nulls(jsonb_build_object(
+                   'attempt', attempts, 'takeover', previous_status = 'sending',
+                   'resumed', CASE WHEN resumed THEN true END))
         FROM claimed)
     SELECT claimed.*, {CONTEXT_SELECT}
     FROM claimed
@@ -120,13 +129,20 @@ class DispatchRepository(OccurrenceRecord):
         super().__init__(pool, "dispatcher")
 
     async def claim(
-        self, followup_id: int, version: int, lease: timedelta, early: timedelta
+        self,
+        followup_id: int,
+        version: int,
+        lease: timedelta,
+        early: timedelta,
+        *,
+        resume: UUID | None = None,
     ) -> tuple[Followup, SendContext | None] | None:
         """Take the occurrence for sending under a new claim id, in one statement: the version
         must match, the row must be due (within `early`) and still scheduled (a committed cancel
-        wins), or its owner gone (lease run out). The same round trip records the transition
-        and reads the contractor, action item and event the send needs."""
-        record = await self._pool.fetchrow(_CLAIM, followup_id, version, lease, early)
+        wins), or its owner gone (lease run out, or `resume` names its claim: the caller held it
+        and stopped using it). The same round trip records the transition and reads the
+        contractor, action item and event the send needs."""
+        record = await self._pool.fetchrow(_CLAIM, followup_id, version, lease, early, resume)
         if record is None:
             return None
         return Followup.from_record(record), context_from(record)

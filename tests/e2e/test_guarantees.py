@@ -12,6 +12,7 @@ import aio_pika
 import asyncpg
 import pytest
 
+from shared.locks import SEND_WINDOW
 from shared.topology import DISPATCHER_DUE, timer_queues
 from testbed.webhook import Call, Reply
 from tests.e2e.conftest import (
@@ -297,6 +298,43 @@ async def test_database_connections_terminated_mid_run(
     assert len(rows) == 60
     assert_delivered_once_each(receiver, rows)
     print(f"\npg_terminate_backend run: {len(receiver.calls)} calls for 60 follow-ups")
+
+
+async def test_a_connection_lost_while_starting_the_call_is_not_waited_out(
+    pool, bus, receiver, start_services
+):
+    """The database ends the dispatcher's connection in the middle of the statement that starts
+    the call (held up here by the send window's lock). The delivery runs again in the process
+    and takes its own claim back: the send goes out then, not after the claim's lease (65 s
+    here) or the repair sweep (an hour's grace here)."""
+    contractor = await add_contractor(pool)
+    start_services(WEBHOOK_TIMEOUT_SECONDS="30", SWEEP_GRACE_SECONDS="3600")
+    holder = await pool.acquire()
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", *SEND_WINDOW)
+        await request_followup(bus, contractor, soon(2), idempotency_key="lost-start")
+
+        async def waiting_for_the_window():
+            return await pool.fetchval(
+                """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND classid = $1 AND objid = $2""",
+                *SEND_WINDOW,
+            )
+
+        assert await wait_until(waiting_for_the_window, 30)
+        await pool.execute("SELECT pg_terminate_backend($1)", await waiting_for_the_window())
+    finally:
+        await holder.execute("SELECT pg_advisory_unlock($1, $2)", *SEND_WINDOW)
+        await pool.release(holder)
+    rows = await wait_for_final(pool, 1, timeout=40)
+    assert_delivered_once_each(receiver, rows)
+    assert len(receiver.calls) == 1
+    detail = await pool.fetchval(
+        "SELECT detail FROM followup_transitions WHERE followup_id = $1 AND to_status = 'sending'"
+        " ORDER BY id DESC LIMIT 1",
+        rows[0]["id"],
+    )
+    assert detail.get("resumed") is True, detail
 
 
 async def test_purged_timer_queues_are_repaired_by_the_sweep(

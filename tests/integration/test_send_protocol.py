@@ -10,6 +10,7 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import uuid4
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -20,6 +21,8 @@ from services.dispatcher.handlers import DispatcherDeps, handle
 from services.dispatcher.repository import DispatchRepository, GiveUp, Retry, Settlement
 from services.dispatcher.sweep import SweepQueries, sweep_once
 from shared.consumer import Incoming
+from shared.db import CONNECTION_ERRORS
+from shared.locks import SEND_WINDOW
 from shared.migrate import MIGRATIONS_DIR
 from shared.rows import Reference
 from shared.schemas import Status, TimerKind, TimerMessage
@@ -190,6 +193,65 @@ async def test_a_claim_taken_over_leaves_its_old_owner_unable_to_change_anything
     )
     assert sent.row is None, "only the current owner records the send"
     assert (await row(pool, followup_id))["status"] == "sending"
+
+
+async def test_a_live_claim_is_taken_back_only_by_its_own_claim_id(pool, repository):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="resume")
+    first, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    assert await repository.claim(followup_id, 1, LEASE, MARGIN, resume=uuid4()) is None
+    again, _ = await repository.claim(followup_id, 1, LEASE, MARGIN, resume=first.claim_id)
+    assert again.claim_id != first.claim_id
+    assert (again.attempts, again.send_key) == (first.attempts, first.send_key), (
+        "no call was started: the same attempt, under the same Idempotency-Key"
+    )
+    assert (await repository.start_call(first, limit_per_minute=100, lease=LEASE)).lost
+    assert (await transitions(pool, followup_id))[-1]["detail"] == {
+        "attempt": 1,
+        "takeover": True,
+        "resumed": True,
+    }
+    await repository.start_call(again, limit_per_minute=100, lease=LEASE)
+    called, _ = await repository.claim(followup_id, 1, LEASE, MARGIN, resume=again.claim_id)
+    assert called.attempts == again.attempts + 1, "a call may have gone out: a new attempt"
+
+
+async def _terminate_when_waiting_for_the_window(pool) -> None:
+    while True:
+        pid = await pool.fetchval(
+            """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+               AND classid = $1 AND objid = $2""",
+            *SEND_WINDOW,
+        )
+        if pid is not None:
+            await pool.execute("SELECT pg_terminate_backend($1)", pid)
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_connection_lost_while_starting_the_call_does_not_wait_out_the_lease(
+    pool, repository, timer
+):
+    """The database ends the dispatcher's connection while the call's start waits for the send
+    window. Run again, the delivery takes its own claim back and sends at once; before, it found
+    the row held under a live lease and armed a wake for the lease's end."""
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="lost-start")
+    gateway = ScriptedGateway()
+    deps = make_deps(repository, timer, gateway)
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", *SEND_WINDOW)
+        try:
+            run = asyncio.create_task(handle(timer_for(followup_id), deps))
+            await _terminate_when_waiting_for_the_window(pool)
+            with pytest.raises(CONNECTION_ERRORS):
+                await run
+        finally:
+            await holder.execute("SELECT pg_advisory_unlock($1, $2)", *SEND_WINDOW)
+    await handle(dataclasses.replace(timer_for(followup_id), redelivered=True), deps)
+    assert len(gateway.calls) == 1
+    assert (await row(pool, followup_id))["status"] == "sent"
+    assert timer.for_row(followup_id) == [], "no wake armed for the lease's end"
 
 
 async def test_the_lease_starts_again_when_the_call_really_starts(pool, repository):

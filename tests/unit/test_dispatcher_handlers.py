@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 import json
 from datetime import UTC, datetime, time, timedelta
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import pytest
 
 from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequest
@@ -24,6 +26,7 @@ from shared.topology import DEAD_LETTER_EXCHANGE, DISPATCHER_DUE, PUBLIC_EXCHANG
 from tests.support.data import followup_row
 
 NOW = datetime(2026, 11, 28, 17, 0, tzinfo=UTC)  # noon in New York
+CLAIM = UUID("00000000-0000-0000-0000-00000000c1a1")
 
 
 def _row(**changes) -> Followup:
@@ -32,6 +35,7 @@ def _row(**changes) -> Followup:
         "followup_type": "w9_reminder",
         "message_template": "Hi {first_name}",
         "send_key": "00000000-0000-0000-0000-000000000009",
+        "claim_id": CLAIM,
     }
     return followup_row(**{**defaults, **changes})
 
@@ -53,7 +57,7 @@ class FakeRecord(DispatchStore):
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
 
-    async def claim(self, followup_id, version, lease, early):
+    async def claim(self, followup_id, version, lease, early, *, resume=None):
         return self.row, self.context
 
     async def start_call(self, row, *, limit_per_minute, lease):
@@ -190,6 +194,47 @@ async def test_an_event_that_fails_after_the_record_is_left_to_the_redelivery(pu
     assert record.names() == ["mark_sent"]
 
 
+class LosesConnectionOnce(FakeRecord):
+    """The database connection goes down during the first start of the call; every claim asks
+    to take back the claim named by `resume`."""
+
+    def __init__(self, row: Followup, context: SendContext | None) -> None:
+        super().__init__(row, context)
+        self.resumes: list[UUID | None] = []
+
+    async def claim(self, followup_id, version, lease, early, *, resume=None):
+        self.resumes.append(resume)
+        return self.row, self.context
+
+    async def start_call(self, row, *, limit_per_minute, lease):
+        if len(self.resumes) == 1:
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+        return await super().start_call(row, limit_per_minute=limit_per_minute, lease=lease)
+
+
+async def test_a_claim_let_go_by_a_lost_connection_is_taken_back_by_the_next_run(publisher):
+    record = LosesConnectionOnce(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    deps = _deps(record, gateway, publisher)
+    with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+        await handle(_due(), deps)
+    await handle(dataclasses.replace(_due(), redelivered=True), deps)
+    assert record.resumes == [None, CLAIM]
+    assert len(gateway.requests) == 1
+    assert publisher.events() == ["followup.sent"]
+    assert len(deps.resumable) == 0, "a claim is taken back once"
+
+
+async def test_a_claim_whose_run_ended_is_not_kept_for_taking_back(publisher):
+    record = LosesConnectionOnce(_row(), _context())
+    record.resumes.append(None)  # the first start of the call succeeds
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    deps = _deps(record, gateway, publisher)
+    await handle(_due(), deps)
+    await handle(_due(), deps)
+    assert record.resumes == [None, None, None]
+
+
 async def test_the_call_place_is_free_again_while_the_outcome_is_recorded(publisher):
     places = asyncio.Semaphore(1)
     free_while_recording: list[bool] = []
@@ -213,7 +258,7 @@ async def test_an_opted_out_contractor_is_skipped_without_a_call(publisher):
     await handle(_due(), _deps(record, gateway, publisher))
     assert gateway.requests == []
     assert record.calls == [
-        ("end", {"status": Status.SKIPPED, "reason": "opted_out", "claim_id": None})
+        ("end", {"status": Status.SKIPPED, "reason": "opted_out", "claim_id": CLAIM})
     ]
     assert publisher.events() == ["followup.skipped"]
     assert publisher.dead_letters() == []
@@ -358,7 +403,7 @@ async def test_a_permanent_refusal_fails_and_dead_letters_the_timer(publisher):
 class AlreadySent(FakeRecord):
     """The row this timer was for is sent already: the claim finds nothing to take."""
 
-    async def claim(self, followup_id, version, lease, early):
+    async def claim(self, followup_id, version, lease, early, *, resume=None):
         return None
 
     async def get(self, followup_id):
