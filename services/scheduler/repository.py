@@ -9,12 +9,12 @@ from typing import Protocol
 
 import asyncpg
 
+from services.scheduler.intake import Stored, insert_request
 from shared.errors import Rejected
 from shared.occurrences import move
 from shared.rows import (
     COLUMNS,
     SELECT,
-    Contractor,
     Followup,
     Reference,
     cancellable,
@@ -24,9 +24,7 @@ from shared.rows import (
     row_columns,
 )
 from shared.schemas import FollowupRequested, Status
-from shared.transitions import LOG_TRANSITIONS, record_transition
-
-_UNDELIVERABLE = Contractor.COMPUTED["undeliverable"].format(t="contractors")
+from shared.transitions import record_transition
 
 
 @dataclass(frozen=True)
@@ -109,77 +107,10 @@ class SchedulerRepository:
         skipped, a key cancelled before its request arrived as cancelled. Returns (row,
         created). The caller arms the timers of a `scheduled` row after this commits: a timer
         due at once must find the row."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            # The lock serialises with a cancel of the same key, so one of the two sees the
-            # other. In the same round trip: whose action item the request names. Another
-            # contractor's would put that contractor's item in this one's SMS and let it decide
-            # skip_if_completed, so it counts as a reference that does not exist.
-            item_owner = await connection.fetchval(
-                """SELECT (SELECT contractor_id FROM contractor_action_items WHERE id = $2)
-                   FROM pg_advisory_xact_lock(hashtext($1))""",
-                key,
-                request.action_item_id,
-            )
-            if item_owner is not None and item_owner != request.contractor_id:
-                raise Rejected("unknown_reference", "action_item_id belongs to another contractor")
-            record = await connection.fetchrow(
-                f"""WITH flags AS (
-                        SELECT (SELECT sms_opt_out FROM contractors WHERE id = $1) AS opted_out,
-                               (SELECT coalesce(reason, 'cancel_requested') FROM cancelled_keys
-                                WHERE idempotency_key = $13) AS cancelled,
-                               -- a permanent delivery failure for the phone it still has
-                               (SELECT {_UNDELIVERABLE}
-                                FROM contractors WHERE id = $1) AS undeliverable),
-                    inserted AS (
-                        INSERT INTO contractor_followup_schedules (
-                            contractor_id, action_item_id, event_id, scheduled_time,
-                            followup_type, message_template, message_tone,
-                            ai_should_personalize, ai_context_hints, skip_if_completed,
-                            is_recurring, recurrence_interval_days, idempotency_key, priority,
-                            requested_by, status, status_reason)
-                        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                               CASE WHEN cancelled IS NOT NULL THEN 'cancelled'
-                                    WHEN opted_out OR undeliverable THEN 'skipped'
-                                    ELSE 'scheduled' END,
-                               coalesce(cancelled, CASE WHEN opted_out THEN 'opted_out'
-                                                        WHEN undeliverable THEN 'undeliverable'
-                                                   END)
-                        FROM flags
-                        ON CONFLICT (idempotency_key) DO NOTHING
-                        RETURNING {COLUMNS}),
-                    logged AS (
-                        {LOG_TRANSITIONS}
-                        SELECT id, 'scheduler', NULL, status,
-                               jsonb_build_object('scheduled_time', scheduled_time,
-                                                  'reason', status_reason)
-                        FROM inserted)
-                    SELECT * FROM inserted""",
-                request.contractor_id,
-                request.action_item_id,
-                request.event_id,
-                request.scheduled_time,
-                request.followup_type,
-                request.message_template,
-                request.message_tone,
-                request.ai_should_personalize,
-                request.ai_context_hints,
-                request.skip_if_completed,
-                request.is_recurring,
-                request.recurrence_interval_days,
-                key,
-                request.priority,
-                request.requested_by,
-            )
-            if record is None:
-                existing = await connection.fetchrow(f"{SELECT} WHERE idempotency_key = $1", key)
-                return Followup.from_record(existing), False
-            if record["is_recurring"]:
-                record = await connection.fetchrow(
-                    f"""UPDATE contractor_followup_schedules SET series_id = id WHERE id = $1
-                        RETURNING {COLUMNS}""",
-                    record["id"],
-                )
-            return Followup.from_record(record), True
+        stored, row = await insert_request(self._pool, request, key)
+        if row is None:
+            raise Rejected("unknown_reference", "action_item_id belongs to another contractor")
+        return row, stored is Stored.CREATED
 
     async def get(self, followup_id: int) -> Followup | None:
         return await get_followup(self._pool, followup_id)

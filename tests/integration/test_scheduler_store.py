@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from services.scheduler import intake
 from services.scheduler.handlers import SchedulerDeps, handle
 from shared.consumer import Incoming
 from shared.deliveries import CarrierCodes, DeliveryStore
 from shared.errors import Rejected
+from shared.migrate import MIGRATIONS_DIR
 from shared.send_rate import RatePolicy
 from shared.timers import utcnow
 from tests.support.data import add_action_item, add_contractor
@@ -182,3 +186,39 @@ async def test_a_reply_by_phone_finds_the_contractor_however_the_number_is_store
         _deps(store, levels_timer, publisher),
     )
     assert await pool.fetchval("SELECT sms_opt_out FROM contractors WHERE id = $1", contractor)
+
+
+# ---- the intake function is the module's ------------------------------------------------------
+
+
+def test_the_migration_installs_the_intake_module_function():
+    defining = sorted(
+        path
+        for path in Path(MIGRATIONS_DIR).glob("*.sql")
+        if "FUNCTION followups_insert_request" in path.read_text().split("-- migrate:down")[0]
+    )
+    up = defining[-1].read_text().split("-- migrate:down")[0]
+    assert intake.FUNCTION_SQL in up
+    assert len(re.findall(r"CREATE (OR REPLACE )?FUNCTION followups_insert_request", up)) == 1
+
+
+async def test_the_database_runs_the_intake_module_function(pool, store):
+    source = await pool.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE proname = 'followups_insert_request'"
+    )
+    assert source == intake.FUNCTION_SQL.split("$$")[1]
+
+
+async def test_a_recurring_request_starts_its_own_series_and_logs_its_transition(
+    pool, store, levels_timer, publisher
+):
+    contractor = await add_contractor(pool)
+    body = _request(contractor, is_recurring=True, recurrence_interval_days=7)
+    await handle(Incoming(body, "followup.requested"), _deps(store, levels_timer, publisher))
+    row = await pool.fetchrow("SELECT id, series_id, status FROM contractor_followup_schedules")
+    assert (row["series_id"], row["status"]) == (row["id"], "scheduled")
+    logged = await pool.fetch(
+        "SELECT stage, from_status, to_status FROM followup_transitions WHERE followup_id = $1",
+        row["id"],
+    )
+    assert [tuple(t) for t in logged] == [("scheduler", None, "scheduled")]

@@ -1,0 +1,139 @@
+"""Storing a `followup.requested` once per idempotency key, in one round trip.
+
+`followups_insert_request` does, in the one transaction of the statement that calls it:
+
+1. takes the key's transaction-scoped advisory lock (`hashtext(key)`), which serialises it with a
+   cancel of the same key (shared by the cancel's own statement), so one of the two sees the
+   other: each statement of a PL/pgSQL function reads a snapshot taken when it starts, after the
+   lock is held;
+2. answers `foreign_item` when the action item named belongs to another contractor: that item
+   would be put in this contractor's SMS and decide its skip_if_completed, so it counts as a
+   reference that does not exist (an item that does not exist at all fails the insert's foreign
+   key, as a missing contractor or event does);
+3. inserts the row: `cancelled` when a cancel for the key came first, `skipped` when the
+   contractor opted out or their phone can't take an SMS, else `scheduled`; a recurring one is
+   the first of its series; the transition is logged;
+4. answers `existing` with the stored row when the key was there already.
+
+Without the function the same steps took four round trips (BEGIN, the lock, the insert, COMMIT).
+The migration that installs this version holds the same text (a test compares them).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import asyncpg
+
+from shared.rows import Contractor, Followup, row_columns
+from shared.schemas import FollowupRequested
+
+UNDELIVERABLE = Contractor.COMPUTED["undeliverable"].format(t="c")
+
+FUNCTION_SQL = f"""\
+CREATE OR REPLACE FUNCTION followups_insert_request(
+    p_contractor_id bigint, p_action_item_id bigint, p_event_id bigint,
+    p_scheduled_time timestamptz, p_followup_type text, p_message_template text,
+    p_message_tone text, p_ai_should_personalize boolean, p_ai_context_hints jsonb,
+    p_skip_if_completed boolean, p_is_recurring boolean, p_recurrence_interval_days integer,
+    p_idempotency_key text, p_priority smallint, p_requested_by text
+) RETURNS TABLE (outcome text, followup contractor_followup_schedules)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row contractor_followup_schedules%ROWTYPE;
+    v_owner bigint;
+    v_opted_out boolean;
+    v_undeliverable boolean;
+    v_cancelled text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext(p_idempotency_key));
+    IF p_action_item_id IS NOT NULL THEN
+        SELECT i.contractor_id INTO v_owner
+        FROM contractor_action_items AS i WHERE i.id = p_action_item_id;
+        IF v_owner IS NOT NULL AND v_owner <> p_contractor_id THEN
+            RETURN QUERY SELECT 'foreign_item'::text, NULL::contractor_followup_schedules;
+            RETURN;
+        END IF;
+    END IF;
+    SELECT c.sms_opt_out,
+           -- a permanent delivery failure for the phone it still has
+           {UNDELIVERABLE}
+    INTO v_opted_out, v_undeliverable
+    FROM contractors AS c WHERE c.id = p_contractor_id;
+    SELECT coalesce(k.reason, 'cancel_requested') INTO v_cancelled
+    FROM cancelled_keys AS k WHERE k.idempotency_key = p_idempotency_key;
+    INSERT INTO contractor_followup_schedules AS f (
+        contractor_id, action_item_id, event_id, scheduled_time, followup_type,
+        message_template, message_tone, ai_should_personalize, ai_context_hints,
+        skip_if_completed, is_recurring, recurrence_interval_days, idempotency_key, priority,
+        requested_by, status, status_reason)
+    VALUES (
+        p_contractor_id, p_action_item_id, p_event_id, p_scheduled_time, p_followup_type,
+        p_message_template, p_message_tone, p_ai_should_personalize, p_ai_context_hints,
+        p_skip_if_completed, p_is_recurring, p_recurrence_interval_days, p_idempotency_key,
+        p_priority, p_requested_by,
+        CASE WHEN v_cancelled IS NOT NULL THEN 'cancelled'
+             WHEN v_opted_out OR v_undeliverable THEN 'skipped'
+             ELSE 'scheduled' END,
+        coalesce(v_cancelled, CASE WHEN v_opted_out THEN 'opted_out'
+                                   WHEN v_undeliverable THEN 'undeliverable' END))
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING f.* INTO v_row;
+    IF NOT FOUND THEN
+        SELECT f.* INTO v_row FROM contractor_followup_schedules AS f
+        WHERE f.idempotency_key = p_idempotency_key;
+        RETURN QUERY SELECT 'existing'::text, v_row;
+        RETURN;
+    END IF;
+    IF v_row.is_recurring THEN
+        UPDATE contractor_followup_schedules AS f SET series_id = f.id WHERE f.id = v_row.id
+        RETURNING f.* INTO v_row;
+    END IF;
+    INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
+    VALUES (v_row.id, 'scheduler', NULL, v_row.status,
+            jsonb_build_object('scheduled_time', v_row.scheduled_time,
+                               'reason', v_row.status_reason));
+    RETURN QUERY SELECT 'created'::text, v_row;
+END;
+$$;
+"""
+
+_CALL = f"""
+    SELECT r.outcome, {row_columns("(r.followup)")}
+    FROM followups_insert_request($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                                  $14, $15) AS r"""
+
+
+class Stored(StrEnum):
+    CREATED = "created"
+    EXISTING = "existing"
+    FOREIGN_ITEM = "foreign_item"
+
+
+async def insert_request(
+    pool: asyncpg.Pool, request: FollowupRequested, key: str
+) -> tuple[Stored, Followup | None]:
+    """What became of the request, and its row (None for `foreign_item`)."""
+    record = await pool.fetchrow(
+        _CALL,
+        request.contractor_id,
+        request.action_item_id,
+        request.event_id,
+        request.scheduled_time,
+        request.followup_type,
+        request.message_template,
+        request.message_tone,
+        request.ai_should_personalize,
+        request.ai_context_hints,
+        request.skip_if_completed,
+        request.is_recurring,
+        request.recurrence_interval_days,
+        key,
+        request.priority,
+        request.requested_by,
+    )
+    assert record is not None
+    stored = Stored(record["outcome"])
+    if stored is Stored.FOREIGN_ITEM:
+        return stored, None
+    return stored, Followup.from_record(record)
