@@ -59,18 +59,21 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
     if due.kind is TimerKind.LEAD:
         await arm_after_lead(deps.timer, due, deps.personalize_lead, deps.clock())
         return
+    held = deps.resumable.held(due.followup_id)
     claimed = await deps.repository.claim(
-        due.followup_id,
-        due.version,
-        deps.lease,
-        deps.margin,
-        resume=deps.resumable.held(due.followup_id),
+        due.followup_id, due.version, deps.lease, deps.margin, resume=held
     )
     deps.resumable.forget(due.followup_id)
     if claimed is None:
         await _not_claimed(due, incoming, deps)
         return
     row, context = claimed
+    if held is not None:
+        log.info(
+            "claim let go of by a transient failure taken back",
+            followup_id=row.id,
+            attempt=row.attempts,
+        )
     try:
         await _dispatch(row, context, incoming, deps)
     except TRANSIENT:
