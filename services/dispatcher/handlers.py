@@ -69,6 +69,7 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
         return
     row, context = claimed
     if held is not None:
+        MESSAGES.labels("dispatcher", "claim_taken_back").inc()
         log.info(
             "claim let go of by a transient failure taken back",
             followup_id=row.id,

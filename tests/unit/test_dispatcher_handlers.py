@@ -17,6 +17,7 @@ from services.dispatcher.handlers import DispatcherDeps, handle
 from services.dispatcher.ports import DispatchStore, GiveUp, Retry, Sent, Settled, Settlement
 from services.dispatcher.send_window import CallSlot
 from shared.consumer import Incoming
+from shared.metrics import MESSAGES
 from shared.occurrences import Ending
 from shared.rows import Contractor, Followup, SendContext
 from shared.schemas import Status, TimerKind, TimerMessage
@@ -216,6 +217,7 @@ async def test_a_claim_let_go_by_a_lost_connection_is_taken_back_by_the_next_run
     record = LosesConnectionOnce(_row(), _context())
     gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
     deps = _deps(record, gateway, publisher)
+    taken_back = MESSAGES.labels("dispatcher", "claim_taken_back")._value.get()
     with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
         await handle(_due(), deps)
     await handle(dataclasses.replace(_due(), redelivered=True), deps)
@@ -223,6 +225,7 @@ async def test_a_claim_let_go_by_a_lost_connection_is_taken_back_by_the_next_run
     assert len(gateway.requests) == 1
     assert publisher.events() == ["followup.sent"]
     assert len(deps.resumable) == 0, "a claim is taken back once"
+    assert MESSAGES.labels("dispatcher", "claim_taken_back")._value.get() == taken_back + 1
 
 
 async def test_a_claim_whose_run_ended_is_not_kept_for_taking_back(publisher):
