@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -15,10 +13,10 @@ from services.scheduler.handlers import SchedulerDeps, handle
 from shared.consumer import Incoming
 from shared.deliveries import CarrierCodes, DeliveryStore
 from shared.errors import Rejected
-from shared.migrate import MIGRATIONS_DIR
 from shared.send_rate import RatePolicy
 from shared.timers import utcnow
 from tests.support.data import add_action_item, add_contractor
+from tests.support.migrations import newest_definition
 
 
 def _deps(store, levels_timer, publisher) -> SchedulerDeps:
@@ -192,14 +190,7 @@ async def test_a_reply_by_phone_finds_the_contractor_however_the_number_is_store
 
 
 def test_the_migration_installs_the_intake_module_function():
-    defining = sorted(
-        path
-        for path in Path(MIGRATIONS_DIR).glob("*.sql")
-        if "FUNCTION followups_insert_request" in path.read_text().split("-- migrate:down")[0]
-    )
-    up = defining[-1].read_text().split("-- migrate:down")[0]
-    assert intake.FUNCTION_SQL in up
-    assert len(re.findall(r"CREATE (OR REPLACE )?FUNCTION followups_insert_request", up)) == 1
+    assert intake.FUNCTION_SQL in newest_definition("followups_insert_request")
 
 
 async def test_the_database_runs_the_intake_module_function(pool, store):

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import re
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from uuid import uuid4
 from zoneinfo import ZoneInfo
 
@@ -23,12 +21,12 @@ from services.dispatcher.sweep import SweepQueries, sweep_once
 from shared.consumer import Incoming
 from shared.db import CONNECTION_ERRORS
 from shared.locks import SEND_WINDOW
-from shared.migrate import MIGRATIONS_DIR
 from shared.rows import Reference
 from shared.schemas import Status, TimerKind, TimerMessage
 from shared.timers import LevelsTimer
 from shared.topology import DISPATCHER_DUE
 from tests.support.data import add_contractor, miscounted_seconds
+from tests.support.migrations import newest_definition
 
 LEASE = timedelta(seconds=30)
 MARGIN = timedelta(milliseconds=250)
@@ -603,14 +601,7 @@ async def test_a_call_in_the_second_the_window_starts_in_holds_its_place_until_i
 
 
 def test_the_migration_installs_the_send_window_module_function():
-    defining = sorted(
-        path
-        for path in Path(MIGRATIONS_DIR).glob("*.sql")
-        if "FUNCTION followups_start_call" in path.read_text().split("-- migrate:down")[0]
-    )
-    up = defining[-1].read_text().split("-- migrate:down")[0]
-    assert send_window.FUNCTION_SQL in up
-    assert len(re.findall(r"CREATE (OR REPLACE )?FUNCTION followups_start_call", up)) == 1
+    assert send_window.FUNCTION_SQL in newest_definition("followups_start_call")
 
 
 async def test_the_database_runs_the_module_function(pool):
