@@ -27,8 +27,9 @@ import asyncpg
 
 from shared.rows import Contractor, Followup, row_columns
 from shared.schemas import FollowupRequested
+from shared.transitions import LOG_TRANSITIONS
 
-UNDELIVERABLE = Contractor.COMPUTED["undeliverable"].format(t="c")
+_UNDELIVERABLE = Contractor.COMPUTED["undeliverable"].format(t="c")
 
 FUNCTION_SQL = f"""\
 CREATE OR REPLACE FUNCTION followups_insert_request(
@@ -57,7 +58,7 @@ BEGIN
     END IF;
     SELECT c.sms_opt_out,
            -- a permanent delivery failure for the phone it still has
-           {UNDELIVERABLE}
+           {_UNDELIVERABLE}
     INTO v_opted_out, v_undeliverable
     FROM contractors AS c WHERE c.id = p_contractor_id;
     SELECT coalesce(k.reason, 'cancel_requested') INTO v_cancelled
@@ -89,7 +90,7 @@ BEGIN
         UPDATE contractor_followup_schedules AS f SET series_id = f.id WHERE f.id = v_row.id
         RETURNING f.* INTO v_row;
     END IF;
-    INSERT INTO followup_transitions (followup_id, stage, from_status, to_status, detail)
+    {LOG_TRANSITIONS}
     VALUES (v_row.id, 'scheduler', NULL, v_row.status,
             jsonb_build_object('scheduled_time', v_row.scheduled_time,
                                'reason', v_row.status_reason));

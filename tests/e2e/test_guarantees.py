@@ -23,7 +23,7 @@ from tests.e2e.conftest import (
     wait_for_final,
     wait_until,
 )
-from tests.support.data import add_contractor
+from tests.support.data import add_contractor, send_window_waiter
 
 
 def assert_delivered_once_each(receiver, rows) -> None:
@@ -314,15 +314,8 @@ async def test_a_connection_lost_while_starting_the_call_is_not_waited_out(
         await holder.execute("SELECT pg_advisory_lock($1, $2)", *SEND_WINDOW)
         await request_followup(bus, contractor, soon(2), idempotency_key="lost-start")
 
-        async def waiting_for_the_window():
-            return await pool.fetchval(
-                """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                   AND classid = $1 AND objid = $2""",
-                *SEND_WINDOW,
-            )
-
-        assert await wait_until(waiting_for_the_window, 30)
-        await pool.execute("SELECT pg_terminate_backend($1)", await waiting_for_the_window())
+        assert await wait_until(lambda: send_window_waiter(pool), 30)
+        await pool.execute("SELECT pg_terminate_backend($1)", await send_window_waiter(pool))
     finally:
         await holder.execute("SELECT pg_advisory_unlock($1, $2)", *SEND_WINDOW)
         await pool.release(holder)

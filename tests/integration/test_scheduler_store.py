@@ -16,7 +16,7 @@ from shared.errors import Rejected
 from shared.send_rate import RatePolicy
 from shared.timers import utcnow
 from tests.support.data import add_action_item, add_contractor
-from tests.support.migrations import newest_definition
+from tests.support.migrations import installed_body, newest_definition
 
 
 def _deps(store, levels_timer, publisher) -> SchedulerDeps:
@@ -194,10 +194,8 @@ def test_the_migration_installs_the_intake_module_function():
 
 
 async def test_the_database_runs_the_intake_module_function(pool, store):
-    source = await pool.fetchval(
-        "SELECT prosrc FROM pg_proc WHERE proname = 'followups_insert_request'"
-    )
-    assert source == intake.FUNCTION_SQL.split("$$")[1]
+    body = intake.FUNCTION_SQL.split("$$")[1]
+    assert await installed_body(pool, "followups_insert_request") == body
 
 
 async def test_a_recurring_request_starts_its_own_series_and_logs_its_transition(

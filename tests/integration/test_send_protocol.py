@@ -25,8 +25,8 @@ from shared.rows import Reference
 from shared.schemas import Status, TimerKind, TimerMessage
 from shared.timers import LevelsTimer
 from shared.topology import DISPATCHER_DUE
-from tests.support.data import add_contractor, miscounted_seconds
-from tests.support.migrations import newest_definition
+from tests.support.data import add_contractor, miscounted_seconds, send_window_waiter
+from tests.support.migrations import installed_body, newest_definition
 
 LEASE = timedelta(seconds=30)
 MARGIN = timedelta(milliseconds=250)
@@ -216,11 +216,7 @@ async def test_a_live_claim_is_taken_back_only_by_its_own_claim_id(pool, reposit
 
 async def _terminate_when_waiting_for_the_window(pool) -> None:
     while True:
-        pid = await pool.fetchval(
-            """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-               AND classid = $1 AND objid = $2""",
-            *SEND_WINDOW,
-        )
+        pid = await send_window_waiter(pool)
         if pid is not None:
             await pool.execute("SELECT pg_terminate_backend($1)", pid)
             return
@@ -605,8 +601,5 @@ def test_the_migration_installs_the_send_window_module_function():
 
 
 async def test_the_database_runs_the_module_function(pool):
-    source = await pool.fetchval(
-        "SELECT prosrc FROM pg_proc WHERE proname = 'followups_start_call'"
-    )
     body = send_window.FUNCTION_SQL.split("$$")[1]
-    assert source == body
+    assert await installed_body(pool, "followups_start_call") == body

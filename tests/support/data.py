@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from services.dispatcher.gateway import SmsRequest
+from shared.locks import SEND_WINDOW
 from shared.rows import Followup
 from shared.schemas import Status
 
@@ -101,3 +102,13 @@ async def miscounted_seconds(db: asyncpg.Pool | asyncpg.Connection) -> list[asyn
                       FROM webhook_calls GROUP BY 1) AS actual USING (epoch_second)
            WHERE coalesce(counted.calls, 0) <> coalesce(actual.calls, 0)"""
     )
+
+
+async def send_window_waiter(db: asyncpg.Pool | asyncpg.Connection) -> int | None:
+    """The backend waiting for the send window's advisory lock, if one is."""
+    pid: int | None = await db.fetchval(
+        """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+           AND classid = $1 AND objid = $2""",
+        *SEND_WINDOW,
+    )
+    return pid

@@ -1,8 +1,11 @@
-"""The migration that installs a database function whose text a module holds."""
+"""The migration that installs a database function whose text a module holds, and what the
+database runs."""
 
 from __future__ import annotations
 
 import re
+
+import asyncpg
 
 from shared.migrate import MIGRATIONS_DIR
 
@@ -17,3 +20,9 @@ def newest_definition(function: str) -> str:
     up = defining[-1]
     assert len(re.findall(rf"CREATE (OR REPLACE )?FUNCTION {function}\b", up)) == 1
     return up
+
+
+async def installed_body(pool: asyncpg.Pool, function: str) -> str:
+    """The body (between the `$$`) of `function` as the database holds it."""
+    body: str = await pool.fetchval("SELECT prosrc FROM pg_proc WHERE proname = $1", function)
+    return body
