@@ -58,16 +58,24 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# Errors after which the same write succeeds if tried again: the database unreachable, or one of
+# two transactions that waited for each other's row locks ended by PostgreSQL (statements that
+# lock several rows, such as a batch of claims against a cancel of a whole series).
+RETRYABLE_WRITE_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.exceptions.DeadlockDetectedError,
+)
+
 # Pauses between tries of a write that must not be lost (about 25 s in all).
 PERSIST_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
 
 
 async def persist(operation: Callable[[], Awaitable[T]]) -> T:
-    """Run a database write again across connection losses. For writes after a side effect
-    (the webhook call) that must not make the whole message run again."""
+    """Run a database write again across connection losses and deadlocks. For writes after a
+    side effect (the webhook call) that must not make the whole message run again."""
     for pause in PERSIST_PAUSES:
         try:
             return await operation()
-        except CONNECTION_ERRORS:
+        except RETRYABLE_WRITE_ERRORS:
             await asyncio.sleep(pause)
     return await operation()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from shared.db import CONNECTION_ERRORS
+from shared.db import RETRYABLE_WRITE_ERRORS
 from shared.errors import RetryLater
 
 # ---- consumed messages --------------------------------------------------------------------
@@ -25,7 +25,7 @@ from shared.errors import RetryLater
 # A transient failure is retried here a few times before the message goes back to the broker,
 # so a database blip does not spend the queue's delivery limit.
 RETRY_PAUSES = (0.2, 0.5, 1.0, 2.0, 4.0)
-TRANSIENT: tuple[type[BaseException], ...] = (RetryLater, *CONNECTION_ERRORS)
+TRANSIENT: tuple[type[BaseException], ...] = (RetryLater, *RETRYABLE_WRITE_ERRORS)
 
 # ---- webhook calls ------------------------------------------------------------------------
 

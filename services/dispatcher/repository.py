@@ -9,6 +9,8 @@ another dispatcher takes over only from an owner that is gone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -17,6 +19,7 @@ import asyncpg
 from services.dispatcher import send_window
 from services.dispatcher.ports import GiveUp, Retry, Sent, Settled, Settlement
 from services.dispatcher.send_window import CallSlot
+from shared.batching import Coalescer
 from shared.occurrences import (
     NextOccurrence,
     OccurrenceRecord,
@@ -42,27 +45,36 @@ __all__ = ["DispatchRepository", "GiveUp", "Retry", "Sent", "Settled", "Settleme
 
 _ROW = row_columns("f")
 
+# One statement claims a batch: $1 ids (each once), $2 versions, $3 leases, $4 how early each
+# may be claimed, $5 the claim id each caller held and let go of (or null). The rows are locked in
+# id order, so two dispatchers claiming overlapping batches wait for each other and never deadlock.
 _CLAIM = f"""
-    WITH previous AS (
-        SELECT status, claim_id FROM contractor_followup_schedules WHERE id = $1),
+    WITH wanted AS (
+        SELECT * FROM unnest($1::bigint[], $2::integer[], $3::interval[], $4::interval[],
+                             $5::uuid[]) AS w(id, version, lease, early, resume)),
+    previous AS (
+        SELECT f.id, f.status, f.claim_id FROM contractor_followup_schedules AS f
+        WHERE f.id IN (SELECT id FROM wanted)
+        ORDER BY f.id
+        FOR UPDATE),
     claimed AS (
         UPDATE contractor_followup_schedules AS f
         SET status = 'sending', claim_id = gen_random_uuid(), claimed_at = clock_timestamp(),
-            lease_until = clock_timestamp() + $3::interval, calling_since = NULL,
+            lease_until = clock_timestamp() + w.lease, calling_since = NULL,
             -- a claim taken back by its own process before its call started is the same
             -- attempt
-            attempts = f.attempts + CASE WHEN f.claim_id = $5::uuid AND f.calling_since IS NULL
+            attempts = f.attempts + CASE WHEN f.claim_id = w.resume AND f.calling_since IS NULL
                                          THEN 0 ELSE 1 END,
             updated_at = now()
-        FROM previous
-        WHERE f.id = $1 AND f.version = $2
-          AND f.scheduled_time <= clock_timestamp() + $4::interval
+        FROM previous JOIN wanted AS w USING (id)
+        WHERE f.id = previous.id AND f.version = w.version
+          AND f.scheduled_time <= clock_timestamp() + w.early
           AND ((f.status = 'scheduled' AND (f.next_attempt_at IS NULL
                                             OR f.next_attempt_at <= clock_timestamp()))
                OR (f.status = 'sending' AND (f.lease_until < clock_timestamp()
-                                             OR f.claim_id = $5::uuid)))
+                                             OR f.claim_id = w.resume)))
         RETURNING previous.status AS previous_status,
-                  previous.claim_id = $5::uuid AS resumed, {_ROW}),
+                  previous.claim_id = w.resume AS resumed, {_ROW}),
     logged AS (
         {LOG_TRANSITIONS}
         SELECT id, 'dispatcher', previous_status, 'sending',
@@ -74,26 +86,57 @@ _CLAIM = f"""
     FROM claimed
     {CONTEXT_JOINS.format(f="claimed")}"""
 
-# $1 id, $2 sent_by, $3 note, $4 text fallback reason, $5 http status, $6 webhook call id,
-# $7 claim id. A cancel or reschedule kept during the call came too late: the row says so.
+# Deliveries that come while a batch of claims is being made wait for the next one: in a burst
+# the prefetched deliveries are claimed a hundred at a time, a lone one at once.
+CLAIM_BATCH = 100
+
+
+@dataclass(frozen=True)
+class _ClaimWanted:
+    followup_id: int
+    version: int
+    lease: timedelta
+    early: timedelta
+    resume: UUID | None
+
+
+_Claimed = tuple[Followup, SendContext | None]
+
+
+# A batch of sends recorded in one statement; per send: $1 id, $2 sent_by, $3 note, $4 text
+# fallback reason, $5 http status, $6 webhook call id, $7 claim id. A cancel or reschedule kept
+# during the call came too late: the row says so. Rows are locked in id order, as in _CLAIM.
 _MARK_SENT = f"""
-    WITH call AS (
-        UPDATE webhook_calls SET finished_at = clock_timestamp(), outcome = 'sent',
-            http_status = $5
-        WHERE id = $6),
+    WITH done AS (
+        SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::integer[],
+                             $6::bigint[], $7::uuid[])
+            AS d(id, sent_by, note, fallback_reason, http_status, call_id, claim_id)),
+    locked AS (
+        SELECT f.id FROM contractor_followup_schedules AS f
+        WHERE f.id IN (SELECT id FROM done)
+        ORDER BY f.id
+        FOR UPDATE),
+    call AS (
+        UPDATE webhook_calls AS w SET finished_at = clock_timestamp(), outcome = 'sent',
+            http_status = done.http_status
+        FROM done
+        WHERE w.id = done.call_id),
     sent AS (
         UPDATE contractor_followup_schedules AS f
-        SET status = 'sent', sent_at = clock_timestamp(), sent_by = $2,
+        SET status = 'sent', sent_at = clock_timestamp(), sent_by = d.sent_by,
             status_reason = CASE WHEN f.cancel_requested_at IS NOT NULL THEN 'cancel_too_late'
                                  WHEN f.reschedule_to IS NOT NULL THEN 'reschedule_too_late'
-                                 ELSE $3 END,
+                                 ELSE d.note END,
             lease_until = NULL, last_error = NULL, calling_since = NULL, claim_id = NULL,
             waiting_since = NULL,
-            text_source = CASE WHEN $4::text IS NULL THEN coalesce(f.text_source, 'template')
+            text_source = CASE WHEN d.fallback_reason IS NULL
+                               THEN coalesce(f.text_source, 'template')
                                ELSE 'template' END,
-            text_fallback_reason = coalesce($4, f.text_fallback_reason), updated_at = now()
-        WHERE f.id = $1 AND f.status = 'sending' AND f.claim_id = $7
-        RETURNING {_ROW}),
+            text_fallback_reason = coalesce(d.fallback_reason, f.text_fallback_reason),
+            updated_at = now()
+        FROM locked JOIN done AS d USING (id)
+        WHERE f.id = locked.id AND f.status = 'sending' AND f.claim_id = d.claim_id
+        RETURNING d.claim_id AS recorded_claim_id, {_ROW}),
     logged AS (
         {LOG_TRANSITIONS}
         SELECT id, 'dispatcher', 'sending', 'sent',
@@ -107,6 +150,33 @@ _MARK_SENT = f"""
                    'reschedule_requested', reschedule_to))
         FROM sent WHERE cancel_requested_at IS NOT NULL OR reschedule_to IS NOT NULL)
     SELECT * FROM sent"""
+
+# Sends recorded while a batch of them is being written wait for the next one.
+SENT_BATCH = 64
+
+
+@dataclass(frozen=True)
+class _SentCall:
+    followup_id: int
+    sent_by: str
+    note: str | None
+    text_fallback_reason: str | None
+    http_status: int | None
+    call_id: int
+    claim_id: UUID | None
+
+    @staticmethod
+    def arguments(batch: Sequence[_SentCall]) -> tuple[list[object], ...]:
+        return (
+            [sent.followup_id for sent in batch],
+            [sent.sent_by for sent in batch],
+            [sent.note for sent in batch],
+            [sent.text_fallback_reason for sent in batch],
+            [sent.http_status for sent in batch],
+            [sent.call_id for sent in batch],
+            [sent.claim_id for sent in batch],
+        )
+
 
 # $1 id, $2 claim id, $3 next attempt, $4 error, $5 count the attempt, $6 deferred reason,
 # $7 still waiting for a place in the send window
@@ -127,6 +197,9 @@ _RELEASE = """
 class DispatchRepository(OccurrenceRecord):
     def __init__(self, pool: asyncpg.Pool) -> None:
         super().__init__(pool, "dispatcher")
+        self._claims = Coalescer(self._claim_batch, max_batch=CLAIM_BATCH)
+        self._starts = Coalescer(self._start_batch, max_batch=send_window.START_BATCH)
+        self._sends = Coalescer(self._record_sends, max_batch=SENT_BATCH)
 
     async def claim(
         self,
@@ -141,11 +214,32 @@ class DispatchRepository(OccurrenceRecord):
         must match, the row must be due (within `early`) and still scheduled (a committed cancel
         wins), or its owner gone (lease run out, or `resume` names its claim: the caller held it
         and stopped using it). The same round trip records the transition and reads the
-        contractor, action item and event the send needs."""
-        record = await self._pool.fetchrow(_CLAIM, followup_id, version, lease, early, resume)
-        if record is None:
-            return None
-        return Followup.from_record(record), context_from(record)
+        contractor, action item and event the send needs. Claims made at the same time go to
+        the database together, in one statement."""
+        return await self._claims.submit(_ClaimWanted(followup_id, version, lease, early, resume))
+
+    async def _claim_batch(self, batch: Sequence[_ClaimWanted]) -> list[_Claimed | None]:
+        # The same follow-up twice in one batch (a timer and its duplicate): the first asks,
+        # the others are answered as a second claim would be, "held by another".
+        first = list({wanted.followup_id: wanted for wanted in reversed(batch)}.values())
+        records = await self._pool.fetch(
+            _CLAIM,
+            [wanted.followup_id for wanted in first],
+            [wanted.version for wanted in first],
+            [wanted.lease for wanted in first],
+            [wanted.early for wanted in first],
+            [wanted.resume for wanted in first],
+        )
+        claimed = {
+            record["id"]: (Followup.from_record(record), context_from(record)) for record in records
+        }
+        asked: set[int] = set()
+        answers: list[_Claimed | None] = []
+        for wanted in batch:
+            fresh = wanted.followup_id not in asked
+            asked.add(wanted.followup_id)
+            answers.append(claimed.get(wanted.followup_id) if fresh else None)
+        return answers
 
     async def renew(self, row: Followup, lease: timedelta) -> bool:
         """Extend the lease of a claim still waiting for its call; False if it was lost."""
@@ -166,9 +260,14 @@ class DispatchRepository(OccurrenceRecord):
         """A place in the global send window and the call recorded, its lease from now; or when
         this follow-up's place comes; or `lost`."""
         assert row.claim_id is not None
-        return await send_window.start_call(
-            self._pool, row.id, row.claim_id, limit_per_minute=limit_per_minute, lease=lease
+        return await self._starts.submit(
+            send_window.CallWanted(
+                row.id, row.claim_id, row.priority, row.scheduled_time, limit_per_minute, lease
+            )
         )
+
+    async def _start_batch(self, batch: Sequence[send_window.CallWanted]) -> list[CallSlot]:
+        return await send_window.start_calls(self._pool, batch)
 
     async def pause_gateway(
         self, until: datetime, reason: str, *, policy: RatePolicy, followup_id: int
@@ -223,17 +322,17 @@ class DispatchRepository(OccurrenceRecord):
         transaction the next occurrence of a recurring follow-up, unless a cancel came during
         the call (it ends the series). The next occurrence is armed after the commit, so no
         broker failure can undo "sent"."""
-        arguments = (row.id, sent_by, note, text_fallback_reason, http_status, call_id)
+        call = _SentCall(
+            row.id, sent_by, note, text_fallback_reason, http_status, call_id, row.claim_id
+        )
         if next_occurrence is None:
-            # Nothing follows: the one statement is its own transaction, one round trip
-            # instead of three.
-            record = await self._pool.fetchrow(_MARK_SENT, *arguments, row.claim_id)
-            if record is None:
+            # Nothing follows: recorded with the other sends of the moment, in one statement.
+            recorded = await self._sends.submit(call)
+            if recorded is None:
                 return Sent(None, None, None)
-            sent = Followup.from_record(record)
-            return Sent(sent, None, _too_late(sent))
+            return Sent(recorded, None, _too_late(recorded))
         async with self._pool.acquire() as connection, connection.transaction():
-            record = await connection.fetchrow(_MARK_SENT, *arguments, row.claim_id)
+            record = await connection.fetchrow(_MARK_SENT, *_SentCall.arguments([call]))
             if record is None:
                 return Sent(None, None, None)
             sent = Followup.from_record(record)
@@ -244,6 +343,14 @@ class DispatchRepository(OccurrenceRecord):
             ending = await continue_series(connection, sent, next_occurrence, stage="dispatcher")
         await arm_next(ending)
         return Sent(ending.row, ending.following, too_late)
+
+    async def _record_sends(self, batch: Sequence[_SentCall]) -> list[Followup | None]:
+        records = await self._pool.fetch(_MARK_SENT, *_SentCall.arguments(batch))
+        recorded = {
+            (record["id"], record["recorded_claim_id"]): Followup.from_record(record)
+            for record in records
+        }
+        return [recorded.get((call.followup_id, call.claim_id)) for call in batch]
 
     async def settle_unsent(
         self,

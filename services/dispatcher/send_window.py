@@ -25,11 +25,17 @@ two-key form, so it can never collide with a lock of another use):
    their turn). Each place is so offered to one follow-up, and in order, instead of waking
    every waiter at the first opening.
 
-The migration that installs this version holds the same text (a test compares them).
+Calls that start at the same moment go through `followups_start_calls_in_turn`: one round trip
+and one transaction for the batch, the lock taken once, each follow-up's place decided by
+`followups_start_call` in the window's own order (so a batch hands out places exactly as the
+same calls one after another would).
+
+The migrations that install these versions hold the same texts (a test compares them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -135,6 +141,41 @@ $$;
 """
 
 
+# Calls that start together take their places in one transaction: the window's lock once, one
+# round trip and one commit for all of them, in the order the window hands out places.
+START_BATCH = 64
+
+BATCH_FUNCTION_SQL = """\
+CREATE OR REPLACE FUNCTION followups_start_calls_in_turn(
+    p_followup_ids bigint[], p_claim_ids uuid[], p_limit integer, p_window interval,
+    p_lease interval, p_slack interval, p_lock_namespace integer, p_lock_key integer
+) RETURNS TABLE (followup_id bigint, call_id bigint, frees_at timestamptz, lost boolean,
+                 current_limit integer)
+LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(p_followup_ids), 0) LOOP
+        RETURN QUERY
+            SELECT p_followup_ids[i], s.call_id, s.frees_at, s.lost, s.current_limit
+            FROM followups_start_call(p_followup_ids[i], p_claim_ids[i], p_limit, p_window,
+                                      p_lease, p_slack, p_lock_namespace, p_lock_key) AS s;
+    END LOOP;
+END;
+$$;
+"""
+
+
+@dataclass(frozen=True)
+class CallWanted:
+    """A claimed follow-up whose call is due now, and what its place is counted with."""
+
+    followup_id: int
+    claim_id: UUID
+    priority: int
+    scheduled_time: datetime
+    limit_per_minute: int
+    lease: timedelta
+
+
 @dataclass(frozen=True)
 class CallSlot:
     """A call id when the call may start now; else `frees_at`, the instant of this follow-up's
@@ -146,29 +187,44 @@ class CallSlot:
     limit_per_minute: int | None = None  # the rate the window was counted at
 
 
-async def start_call(
-    pool: asyncpg.Pool,
-    followup_id: int,
-    claim_id: UUID,
-    *,
-    limit_per_minute: int,
-    lease: timedelta,
-) -> CallSlot:
-    record = await pool.fetchrow(
-        "SELECT call_id, frees_at, lost, current_limit"
-        " FROM followups_start_call($1, $2, $3, $4, $5, $6, $7, $8)",
-        followup_id,
-        claim_id,
-        limit_per_minute,
-        WINDOW,
-        lease,
-        DUE_SLACK,
-        SEND_WINDOW.namespace,
-        SEND_WINDOW.key,
-    )
-    return CallSlot(
-        call_id=record["call_id"],
-        frees_at=record["frees_at"],
-        lost=record["lost"],
-        limit_per_minute=record["current_limit"],
-    )
+def _turn(wanted: CallWanted) -> tuple[int, datetime, int]:
+    """The window's own order: priority (higher first), then due time, then id."""
+    return -wanted.priority, wanted.scheduled_time, wanted.followup_id
+
+
+async def start_calls(pool: asyncpg.Pool, batch: Sequence[CallWanted]) -> list[CallSlot]:
+    """Each follow-up's place (`followups_start_call`), taken in the window's order in one
+    transaction; answered in the order of `batch`. Calls counted under different ceilings or
+    leases (never within one dispatcher) go in one transaction each."""
+    answers: dict[int, CallSlot] = {}
+    for (limit, lease), group in _by_terms(batch).items():
+        ordered = sorted(group, key=_turn)
+        records = await pool.fetch(
+            "SELECT followup_id, call_id, frees_at, lost, current_limit"
+            " FROM followups_start_calls_in_turn($1, $2, $3, $4, $5, $6, $7, $8)",
+            [wanted.followup_id for wanted in ordered],
+            [wanted.claim_id for wanted in ordered],
+            limit,
+            WINDOW,
+            lease,
+            DUE_SLACK,
+            SEND_WINDOW.namespace,
+            SEND_WINDOW.key,
+        )
+        for wanted, record in zip(ordered, records, strict=True):
+            if record["followup_id"] != wanted.followup_id:
+                raise RuntimeError("followups_start_calls_in_turn answered out of order")
+            answers[id(wanted)] = CallSlot(
+                call_id=record["call_id"],
+                frees_at=record["frees_at"],
+                lost=record["lost"],
+                limit_per_minute=record["current_limit"],
+            )
+    return [answers[id(wanted)] for wanted in batch]
+
+
+def _by_terms(batch: Sequence[CallWanted]) -> dict[tuple[int, timedelta], list[CallWanted]]:
+    groups: dict[tuple[int, timedelta], list[CallWanted]] = {}
+    for wanted in batch:
+        groups.setdefault((wanted.limit_per_minute, wanted.lease), []).append(wanted)
+    return groups

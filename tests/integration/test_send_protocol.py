@@ -214,6 +214,48 @@ async def test_a_live_claim_is_taken_back_only_by_its_own_claim_id(pool, reposit
     assert called.attempts == again.attempts + 1, "a call may have gone out: a new attempt"
 
 
+async def test_claims_made_together_go_in_one_transaction_and_each_row_to_one_claimant(
+    pool, repository
+):
+    contractor = await add_contractor(pool)
+    ids = [await add_due(pool, contractor, key=f"together-{n}") for n in range(5)]
+    stale = await add_due(pool, contractor, key="together-stale")
+    asked = [*ids, ids[0], stale]
+    versions = [1] * len(ids) + [1, 2]  # the stale timer names a version never stored
+    answers = await asyncio.gather(
+        *(
+            repository.claim(followup_id, version, LEASE, MARGIN)
+            for followup_id, version in zip(asked, versions, strict=True)
+        )
+    )
+    claimed = [answer[0] for answer in answers[: len(ids)]]
+    assert [row.id for row in claimed] == ids
+    assert answers[len(ids) :] == [None, None], "the duplicate and the stale timer get nothing"
+    assert len({row.claim_id for row in claimed}) == len(ids)
+    assert all(answer[1] is not None for answer in answers[: len(ids)]), "with the contractor"
+    started = {r["updated_at"] for r in [await row(pool, i) for i in ids]}
+    assert len(started) == 1, "one statement: the same transaction's time on every row"
+    for followup_id in ids:
+        assert [(t["from_status"], t["to_status"]) for t in await transitions(pool, followup_id)][
+            -1:
+        ] == [("scheduled", "sending")]
+    assert (await row(pool, stale))["status"] == "scheduled"
+
+
+async def test_claims_made_together_still_take_back_only_their_own_claims(pool, repository):
+    contractor = await add_contractor(pool)
+    held, live = [await add_due(pool, contractor, key=f"back-{n}") for n in range(2)]
+    held_claim, _ = await repository.claim(held, 1, LEASE, MARGIN)
+    await repository.claim(live, 1, LEASE, MARGIN)
+    back, stolen = await asyncio.gather(
+        repository.claim(held, 1, LEASE, MARGIN, resume=held_claim.claim_id),
+        repository.claim(live, 1, LEASE, MARGIN, resume=held_claim.claim_id),
+    )
+    assert back is not None
+    assert back[0].attempts == held_claim.attempts
+    assert stolen is None, "a claim id names one row's claim only"
+
+
 async def _terminate_when_waiting_for_the_window(pool) -> None:
     while True:
         pid = await send_window_waiter(pool)
@@ -562,6 +604,50 @@ async def test_a_free_place_goes_to_the_waiter_ahead_that_is_due_now(pool, repos
     assert (await repository.start_call(behind_claim, limit_per_minute=2, lease=LEASE)).call_id
 
 
+async def test_calls_started_together_take_their_places_in_the_windows_order(pool, repository):
+    """Asked in the worst order within one batch, the places still go by priority, then due
+    time, as they would to the same calls one after another."""
+    contractor = await add_contractor(pool)
+    now = datetime.now(UTC)
+    ranked = [(9, 0), (5, 2), (5, 1), (0, 3)]  # (priority, seconds overdue), best first
+    ids = {
+        key: await add_due(
+            pool, contractor, key=f"turn-{n}", priority=key[0], due=now - timedelta(seconds=key[1])
+        )
+        for n, key in enumerate(ranked)
+    }
+    claims = {key: (await repository.claim(i, 1, LEASE, MARGIN))[0] for key, i in ids.items()}
+    asked = list(reversed(ranked))
+    slots = await asyncio.gather(
+        *(repository.start_call(claims[key], limit_per_minute=2, lease=LEASE) for key in asked)
+    )
+    got = dict(zip(asked, slots, strict=True))
+    assert [got[key].call_id is not None for key in ranked] == [True, True, False, False]
+    waits = [got[key].frees_at for key in ranked[2:]]
+    assert waits == sorted(waits)
+    assert len(set(waits)) == 2, "one follow-up per place"
+    calls = await pool.fetch("SELECT followup_id FROM webhook_calls ORDER BY called_at, id")
+    assert [c["followup_id"] for c in calls] == [ids[(9, 0)], ids[(5, 2)]]
+    assert await miscounted_seconds(pool) == []
+
+
+async def test_a_call_started_with_a_lost_claim_in_its_batch_is_not_held_up(pool, repository):
+    contractor = await add_contractor(pool)
+    lost, kept = [await add_due(pool, contractor, key=f"lost-{n}") for n in range(2)]
+    lost_claim, _ = await repository.claim(lost, 1, LEASE, MARGIN)
+    kept_claim, _ = await repository.claim(kept, 1, LEASE, MARGIN)
+    await pool.execute(
+        "UPDATE contractor_followup_schedules SET claim_id = gen_random_uuid() WHERE id = $1",
+        lost,
+    )
+    lost_slot, kept_slot = await asyncio.gather(
+        repository.start_call(lost_claim, limit_per_minute=100, lease=LEASE),
+        repository.start_call(kept_claim, limit_per_minute=100, lease=LEASE),
+    )
+    assert (lost_slot.lost, kept_slot.lost) == (True, False)
+    assert kept_slot.call_id is not None
+
+
 async def test_the_per_second_counts_follow_every_call_written_moved_and_deleted(pool):
     contractor = await add_contractor(pool)
     filler = await add_due(pool, contractor, key="counted", due=datetime.now(UTC))
@@ -603,3 +689,12 @@ def test_the_migration_installs_the_send_window_module_function():
 async def test_the_database_runs_the_module_function(pool):
     body = send_window.FUNCTION_SQL.split("$$")[1]
     assert await installed_body(pool, "followups_start_call") == body
+
+
+def test_the_migration_installs_the_batch_function_of_the_send_window_module():
+    assert send_window.BATCH_FUNCTION_SQL in newest_definition("followups_start_calls_in_turn")
+
+
+async def test_the_database_runs_the_batch_function_of_the_module(pool):
+    body = send_window.BATCH_FUNCTION_SQL.split("$$")[1]
+    assert await installed_body(pool, "followups_start_calls_in_turn") == body

@@ -3,6 +3,7 @@ the message goes back to the broker; a rejection is never retried."""
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
 from shared import consumer
@@ -35,6 +36,12 @@ async def test_a_transient_failure_is_tried_again_until_it_passes():
     handler = Flaky([RetryLater("broker busy"), ConnectionResetError()])
     await consumer._with_retries(handler, INCOMING)
     assert handler.calls == 3
+
+
+async def test_a_deadlock_the_database_broke_is_tried_again():
+    handler = Flaky([asyncpg.exceptions.DeadlockDetectedError("deadlock detected")])
+    await consumer._with_retries(handler, INCOMING)
+    assert handler.calls == 2
 
 
 async def test_a_run_after_a_transient_failure_is_told_the_delivery_may_have_been_handled():
