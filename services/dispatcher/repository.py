@@ -39,52 +39,17 @@ from shared.rows import (
 from shared.schemas import Status
 from shared.send_rate import RatePolicy, Signal
 from shared.send_rate_store import RateChange, apply_signal, lock_send_rate
-from shared.transitions import LOG_TRANSITIONS, record_transition
+from shared.transitions import record_transition
 
 __all__ = ["DispatchRepository", "GiveUp", "Retry", "Sent", "Settled", "Settlement"]
 
 _ROW = row_columns("f")
 
-# One statement claims a batch: $1 ids (each once), $2 versions, $3 leases, $4 how early each
-# may be claimed, $5 the claim id each caller held and let go of (or null). The rows are locked in
-# id order, so two dispatchers claiming overlapping batches wait for each other and never deadlock.
 _CLAIM = f"""
-    WITH wanted AS (
-        SELECT * FROM unnest($1::bigint[], $2::integer[], $3::interval[], $4::interval[],
-                             $5::uuid[]) AS w(id, version, lease, early, resume)),
-    previous AS (
-        SELECT f.id, f.status, f.claim_id FROM contractor_followup_schedules AS f
-        WHERE f.id IN (SELECT id FROM wanted)
-        ORDER BY f.id
-        FOR UPDATE),
-    claimed AS (
-        UPDATE contractor_followup_schedules AS f
-        SET status = 'sending', claim_id = gen_random_uuid(), claimed_at = clock_timestamp(),
-            lease_until = clock_timestamp() + w.lease, calling_since = NULL,
-            -- a claim taken back by its own process before its call started is the same
-            -- attempt
-            attempts = f.attempts + CASE WHEN f.claim_id = w.resume AND f.calling_since IS NULL
-                                         THEN 0 ELSE 1 END,
-            updated_at = now()
-        FROM previous JOIN wanted AS w USING (id)
-        WHERE f.id = previous.id AND f.version = w.version
-          AND f.scheduled_time <= clock_timestamp() + w.early
-          AND ((f.status = 'scheduled' AND (f.next_attempt_at IS NULL
-                                            OR f.next_attempt_at <= clock_timestamp()))
-               OR (f.status = 'sending' AND (f.lease_until < clock_timestamp()
-                                             OR f.claim_id = w.resume)))
-        RETURNING previous.status AS previous_status,
-                  previous.claim_id = w.resume AS resumed, {_ROW}),
-    logged AS (
-        {LOG_TRANSITIONS}
-        SELECT id, 'dispatcher', previous_status, 'sending',
-               jsonb_strip_nulls(jsonb_build_object(
-                   'attempt', attempts, 'takeover', previous_status = 'sending',
-                   'resumed', CASE WHEN resumed THEN true END))
-        FROM claimed)
-    SELECT claimed.*, {CONTEXT_SELECT}
-    FROM claimed
-    {CONTEXT_JOINS.format(f="claimed")}"""
+    SELECT r.claimed_from AS previous_status, r.taken_back AS resumed,
+           {row_columns("(r.claimed)")}, {CONTEXT_SELECT}
+    FROM followups_claim($1, $2, $3, $4, $5) AS r
+    {CONTEXT_JOINS.format(f="(r.claimed)")}"""
 
 # Deliveries that come while a batch of claims is being made wait for the next one: in a burst
 # the prefetched deliveries are claimed a hundred at a time, a lone one at once.
@@ -103,53 +68,9 @@ class _ClaimWanted:
 _Claimed = tuple[Followup, SendContext | None]
 
 
-# A batch of sends recorded in one statement; per send: $1 id, $2 sent_by, $3 note, $4 text
-# fallback reason, $5 http status, $6 webhook call id, $7 claim id. A cancel or reschedule kept
-# during the call came too late: the row says so. Rows are locked in id order, as in _CLAIM.
 _MARK_SENT = f"""
-    WITH done AS (
-        SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::integer[],
-                             $6::bigint[], $7::uuid[])
-            AS d(id, sent_by, note, fallback_reason, http_status, call_id, claim_id)),
-    locked AS (
-        SELECT f.id FROM contractor_followup_schedules AS f
-        WHERE f.id IN (SELECT id FROM done)
-        ORDER BY f.id
-        FOR UPDATE),
-    call AS (
-        UPDATE webhook_calls AS w SET finished_at = clock_timestamp(), outcome = 'sent',
-            http_status = done.http_status
-        FROM done
-        WHERE w.id = done.call_id),
-    sent AS (
-        UPDATE contractor_followup_schedules AS f
-        SET status = 'sent', sent_at = clock_timestamp(), sent_by = d.sent_by,
-            status_reason = CASE WHEN f.cancel_requested_at IS NOT NULL THEN 'cancel_too_late'
-                                 WHEN f.reschedule_to IS NOT NULL THEN 'reschedule_too_late'
-                                 ELSE d.note END,
-            lease_until = NULL, last_error = NULL, calling_since = NULL, claim_id = NULL,
-            waiting_since = NULL,
-            text_source = CASE WHEN d.fallback_reason IS NULL
-                               THEN coalesce(f.text_source, 'template')
-                               ELSE 'template' END,
-            text_fallback_reason = coalesce(d.fallback_reason, f.text_fallback_reason),
-            updated_at = now()
-        FROM locked JOIN done AS d USING (id)
-        WHERE f.id = locked.id AND f.status = 'sending' AND f.claim_id = d.claim_id
-        RETURNING d.claim_id AS recorded_claim_id, {_ROW}),
-    logged AS (
-        {LOG_TRANSITIONS}
-        SELECT id, 'dispatcher', 'sending', 'sent',
-               jsonb_build_object('sent_by', sent_by, 'attempt', attempts,
-                                  'lateness_ms', lateness_ms)
-        FROM sent
-        UNION ALL
-        SELECT id, 'dispatcher', 'sent', 'sent',
-               jsonb_strip_nulls(jsonb_build_object(
-                   'too_late', true, 'cancel_requested', cancel_reason,
-                   'reschedule_requested', reschedule_to))
-        FROM sent WHERE cancel_requested_at IS NOT NULL OR reschedule_to IS NOT NULL)
-    SELECT * FROM sent"""
+    SELECT r.recorded_claim_id, {row_columns("(r.sent)")}
+    FROM followups_mark_sent($1, $2, $3, $4, $5, $6, $7) AS r"""
 
 # Sends recorded while a batch of them is being written wait for the next one.
 SENT_BATCH = 64

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from services.dispatcher import send_window
+from services.dispatcher import send_window, statements
 from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequest
 from services.dispatcher.handlers import DispatcherDeps, handle
 from services.dispatcher.repository import DispatchRepository, GiveUp, Retry, Settlement
@@ -254,6 +254,35 @@ async def test_claims_made_together_still_take_back_only_their_own_claims(pool, 
     assert back is not None
     assert back[0].attempts == held_claim.attempts
     assert stolen is None, "a claim id names one row's claim only"
+
+
+async def test_sends_recorded_together_are_each_recorded_only_by_their_own_claim(pool, repository):
+    contractor = await add_contractor(pool)
+    ids = [await add_due(pool, contractor, key=f"recorded-{n}") for n in range(3)]
+    claims = [(await repository.claim(i, 1, LEASE, MARGIN))[0] for i in ids]
+    slots = [await repository.start_call(c, limit_per_minute=100, lease=LEASE) for c in claims]
+    await pool.execute(
+        "UPDATE contractor_followup_schedules SET claim_id = gen_random_uuid() WHERE id = $1",
+        ids[2],
+    )
+    outcomes = await asyncio.gather(
+        *(
+            repository.mark_sent(
+                claim,
+                call_id=slot.call_id,
+                http_status=200,
+                sent_by="dispatcher",
+                note=None,
+                text_fallback_reason=None,
+                next_occurrence=None,
+            )
+            for claim, slot in zip(claims, slots, strict=True)
+        )
+    )
+    assert [o.row.status if o.row else None for o in outcomes] == [Status.SENT, Status.SENT, None]
+    assert [(await row(pool, i))["status"] for i in ids] == ["sent", "sent", "sending"]
+    for followup_id in ids[:2]:
+        assert (await transitions(pool, followup_id))[-1]["to_status"] == "sent"
 
 
 async def _terminate_when_waiting_for_the_window(pool) -> None:
@@ -691,10 +720,30 @@ async def test_the_database_runs_the_module_function(pool):
     assert await installed_body(pool, "followups_start_call") == body
 
 
-def test_the_migration_installs_the_batch_function_of_the_send_window_module():
-    assert send_window.BATCH_FUNCTION_SQL in newest_definition("followups_start_calls_in_turn")
+BATCH_FUNCTIONS = [
+    ("followups_start_calls_in_turn", send_window.BATCH_FUNCTION_SQL),
+    ("followups_claim", statements.CLAIM_FUNCTION_SQL),
+    ("followups_mark_sent", statements.MARK_SENT_FUNCTION_SQL),
+]
 
 
-async def test_the_database_runs_the_batch_function_of_the_module(pool):
-    body = send_window.BATCH_FUNCTION_SQL.split("$$")[1]
-    assert await installed_body(pool, "followups_start_calls_in_turn") == body
+@pytest.mark.parametrize(("function", "text"), BATCH_FUNCTIONS)
+def test_the_migration_installs_each_batch_function_of_the_modules(function, text):
+    assert text in newest_definition(function)
+
+
+@pytest.mark.parametrize(("function", "text"), BATCH_FUNCTIONS)
+async def test_the_database_runs_each_batch_function_of_the_modules(pool, function, text):
+    assert await installed_body(pool, function) == text.split("$$")[1]
+
+
+async def test_the_batch_functions_keep_one_plan_for_any_batch(pool):
+    """Planned for each call, a statement over arrays cost more than the claim itself."""
+    settings = await pool.fetch(
+        "SELECT proname, proconfig FROM pg_proc WHERE proname = ANY($1::text[])",
+        ["followups_claim", "followups_mark_sent"],
+    )
+    assert {s["proname"]: s["proconfig"] for s in settings} == {
+        "followups_claim": ["plan_cache_mode=force_generic_plan"],
+        "followups_mark_sent": ["plan_cache_mode=force_generic_plan"],
+    }
