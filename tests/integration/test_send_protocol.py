@@ -160,6 +160,19 @@ async def transitions(pool, followup_id: int) -> list:
     )
 
 
+def record_accepted(repository, claim, call_id: int):
+    """The gateway accepted the call: record it sent, nothing to follow."""
+    return repository.mark_sent(
+        claim,
+        call_id=call_id,
+        http_status=200,
+        sent_by="dispatcher",
+        note=None,
+        text_fallback_reason=None,
+        next_occurrence=None,
+    )
+
+
 # ---- one owner per claim ---------------------------------------------------------------------
 
 
@@ -180,15 +193,7 @@ async def test_a_claim_taken_over_leaves_its_old_owner_unable_to_change_anything
     assert not await repository.renew(first, LEASE)
     slot = await repository.start_call(second, limit_per_minute=100, lease=LEASE)
     assert slot.call_id is not None
-    sent = await repository.mark_sent(
-        first,
-        call_id=slot.call_id,
-        http_status=200,
-        sent_by="dispatcher",
-        note=None,
-        text_fallback_reason=None,
-        next_occurrence=None,
-    )
+    sent = await record_accepted(repository, first, slot.call_id)
     assert sent.row is None, "only the current owner records the send"
     assert (await row(pool, followup_id))["status"] == "sending"
 
@@ -267,15 +272,7 @@ async def test_sends_recorded_together_are_each_recorded_only_by_their_own_claim
     )
     outcomes = await asyncio.gather(
         *(
-            repository.mark_sent(
-                claim,
-                call_id=slot.call_id,
-                http_status=200,
-                sent_by="dispatcher",
-                note=None,
-                text_fallback_reason=None,
-                next_occurrence=None,
-            )
+            record_accepted(repository, claim, slot.call_id)
             for claim, slot in zip(claims, slots, strict=True)
         )
     )
