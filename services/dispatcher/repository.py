@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import Enum
+from typing import Literal
 from uuid import UUID
 
 import asyncpg
@@ -46,9 +48,9 @@ __all__ = ["DispatchRepository", "GiveUp", "Retry", "Sent", "Settled", "Settleme
 _ROW = row_columns("f")
 
 _CLAIM = f"""
-    SELECT r.claimed_from AS previous_status, r.taken_back AS resumed,
+    SELECT r.busy_id, r.claimed_from AS previous_status, r.taken_back AS resumed,
            {row_columns("(r.claimed)")}, {CONTEXT_SELECT}
-    FROM followups_claim($1, $2, $3, $4, $5) AS r
+    FROM followups_claim($1, $2, $3, $4, $5, $6) AS r
     {CONTEXT_JOINS.format(f="(r.claimed)")}"""
 
 # Deliveries that come while a batch of claims is being made wait for the next one: in a burst
@@ -66,6 +68,15 @@ class _ClaimWanted:
 
 
 _Claimed = tuple[Followup, SendContext | None]
+
+
+class Busy(Enum):
+    """A row another transaction held when its batch was claimed."""
+
+    ROW = "row"
+
+
+_ClaimAnswer = _Claimed | None | Literal[Busy.ROW]
 
 
 _MARK_SENT = f"""
@@ -137,9 +148,19 @@ class DispatchRepository(OccurrenceRecord):
         and stopped using it). The same round trip records the transition and reads the
         contractor, action item and event the send needs. Claims made at the same time go to
         the database together, in one statement."""
-        return await self._claims.submit(_ClaimWanted(followup_id, version, lease, early, resume))
+        wanted = _ClaimWanted(followup_id, version, lease, early, resume)
+        answer = await self._claims.submit(wanted)
+        if answer is Busy.ROW:
+            # Another transaction holds the row: claimed alone, waiting for it, outside the
+            # batches, so that the claims of other rows do not wait with it.
+            answer = (await self._claim_rows([wanted], wait=True))[0]
+        assert answer is not Busy.ROW
+        return answer
 
-    async def _claim_batch(self, batch: Sequence[_ClaimWanted]) -> list[_Claimed | None]:
+    async def _claim_batch(self, batch: Sequence[_ClaimWanted]) -> list[_ClaimAnswer]:
+        return await self._claim_rows(batch, wait=False)
+
+    async def _claim_rows(self, batch: Sequence[_ClaimWanted], *, wait: bool) -> list[_ClaimAnswer]:
         # The same follow-up twice in one batch (a timer and its duplicate): the first asks,
         # the others are answered as a second claim would be, "held by another".
         first = list({wanted.followup_id: wanted for wanted in reversed(batch)}.values())
@@ -150,16 +171,25 @@ class DispatchRepository(OccurrenceRecord):
             [wanted.lease for wanted in first],
             [wanted.early for wanted in first],
             [wanted.resume for wanted in first],
+            wait,
         )
+        busy = {record["busy_id"] for record in records if record["busy_id"] is not None}
         claimed = {
-            record["id"]: (Followup.from_record(record), context_from(record)) for record in records
+            record["id"]: (Followup.from_record(record), context_from(record))
+            for record in records
+            if record["busy_id"] is None
         }
         asked: set[int] = set()
-        answers: list[_Claimed | None] = []
+        answers: list[_ClaimAnswer] = []
         for wanted in batch:
             fresh = wanted.followup_id not in asked
             asked.add(wanted.followup_id)
-            answers.append(claimed.get(wanted.followup_id) if fresh else None)
+            if not fresh:
+                answers.append(None)
+            elif wanted.followup_id in busy:
+                answers.append(Busy.ROW)
+            else:
+                answers.append(claimed.get(wanted.followup_id))
         return answers
 
     async def renew(self, row: Followup, lease: timedelta) -> bool:

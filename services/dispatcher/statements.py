@@ -1,7 +1,8 @@
 """The dispatcher's statements for many follow-ups at once, as database functions: a batch of
 claims (`followups_claim`) and a batch of sends recorded (`followups_mark_sent`). Each decides
 every row by the same conditions as if it came alone, and locks the rows in id order, so two
-dispatchers whose batches overlap wait for each other instead of deadlocking.
+dispatchers whose batches overlap never deadlock. A batch of claims skips a row that another
+transaction holds, and its caller claims it alone: one slow lock holds up no other claim.
 
 They are functions for their plans: a statement over arrays is planned for each call (its plan
 for a batch of one looks cheaper than one plan for any batch, so PostgreSQL never keeps one), and
@@ -18,29 +19,45 @@ from shared.transitions import LOG_TRANSITIONS
 # Per follow-up: its id (each once), the timer's version, the lease, how early it may be claimed,
 # and the claim id its caller held and let go of (or null). A row is claimed when the version
 # matches, it is due (within `early`), and it is `scheduled` and not waiting, or `sending` under
-# a lease that ran out or under the claim id its caller names.
+# a lease that ran out or under the claim id its caller names. The rows are locked first, in id
+# order. Without `p_wait`, a row another transaction holds is left out and answered as busy
+# (`busy_id`): its caller claims it alone, so one slow lock never holds up a batch.
 CLAIM_FUNCTION_SQL = f"""\
 CREATE OR REPLACE FUNCTION followups_claim(
     p_ids bigint[], p_versions integer[], p_leases interval[], p_early interval[],
-    p_resumes uuid[]
-) RETURNS TABLE (claimed_from text, taken_back boolean, claimed contractor_followup_schedules)
+    p_resumes uuid[], p_wait boolean
+) RETURNS TABLE (busy_id bigint, claimed_from text, taken_back boolean,
+                 claimed contractor_followup_schedules)
 LANGUAGE plpgsql ROWS 10
 SET plan_cache_mode = force_generic_plan
 AS $$
+DECLARE
+    v_locked bigint[];
 BEGIN
+    IF p_wait THEN
+        SELECT coalesce(array_agg(l.id), '{{}}') INTO v_locked
+        FROM (SELECT f.id FROM contractor_followup_schedules AS f WHERE f.id = ANY(p_ids)
+              ORDER BY f.id FOR UPDATE) AS l;
+    ELSE
+        SELECT coalesce(array_agg(l.id), '{{}}') INTO v_locked
+        FROM (SELECT f.id FROM contractor_followup_schedules AS f WHERE f.id = ANY(p_ids)
+              ORDER BY f.id FOR UPDATE SKIP LOCKED) AS l;
+        RETURN QUERY
+            SELECT b.id, NULL::text, NULL::boolean, NULL::contractor_followup_schedules
+            FROM unnest(p_ids) AS b(id) WHERE b.id <> ALL(v_locked);
+    END IF;
+    -- the rows are locked: this statement reads what the update sees
     RETURN QUERY
     WITH wanted AS (
         SELECT * FROM unnest(p_ids, p_versions, p_leases, p_early, p_resumes)
             AS w(id, version, lease, early, resume)),
-    previous AS (
+    -- materialized: found by id, then decided on (inlined, the planner scans by status)
+    previous AS MATERIALIZED (
         SELECT f.id, f.version, f.status, f.claim_id, f.scheduled_time, f.next_attempt_at,
                f.lease_until, f.calling_since
         FROM contractor_followup_schedules AS f
-        WHERE f.id = ANY(p_ids)
-        ORDER BY f.id
-        FOR UPDATE),
+        WHERE f.id = ANY(v_locked)),
     taken AS (
-        -- the rows are locked: what `previous` read of them is what the update sees
         SELECT p.id, p.status, w.lease, p.claim_id = w.resume AS resumed,
                -- taken back by its own process before its call started: the same attempt
                p.claim_id = w.resume AND p.calling_since IS NULL AS same_attempt
@@ -67,7 +84,7 @@ BEGIN
                    'attempt', (u.followup).attempts, 'takeover', u.from_status = 'sending',
                    'resumed', CASE WHEN u.resumed THEN true END))
         FROM updated AS u)
-    SELECT u.from_status, u.resumed, u.followup FROM updated AS u;
+    SELECT NULL::bigint, u.from_status, u.resumed, u.followup FROM updated AS u;
 END;
 $$;
 """

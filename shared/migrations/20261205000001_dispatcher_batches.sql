@@ -4,25 +4,39 @@
 -- and BATCH_FUNCTION_SQL in services/dispatcher/send_window.py, which document them.
 CREATE OR REPLACE FUNCTION followups_claim(
     p_ids bigint[], p_versions integer[], p_leases interval[], p_early interval[],
-    p_resumes uuid[]
-) RETURNS TABLE (claimed_from text, taken_back boolean, claimed contractor_followup_schedules)
+    p_resumes uuid[], p_wait boolean
+) RETURNS TABLE (busy_id bigint, claimed_from text, taken_back boolean,
+                 claimed contractor_followup_schedules)
 LANGUAGE plpgsql ROWS 10
 SET plan_cache_mode = force_generic_plan
 AS $$
+DECLARE
+    v_locked bigint[];
 BEGIN
+    IF p_wait THEN
+        SELECT coalesce(array_agg(l.id), '{}') INTO v_locked
+        FROM (SELECT f.id FROM contractor_followup_schedules AS f WHERE f.id = ANY(p_ids)
+              ORDER BY f.id FOR UPDATE) AS l;
+    ELSE
+        SELECT coalesce(array_agg(l.id), '{}') INTO v_locked
+        FROM (SELECT f.id FROM contractor_followup_schedules AS f WHERE f.id = ANY(p_ids)
+              ORDER BY f.id FOR UPDATE SKIP LOCKED) AS l;
+        RETURN QUERY
+            SELECT b.id, NULL::text, NULL::boolean, NULL::contractor_followup_schedules
+            FROM unnest(p_ids) AS b(id) WHERE b.id <> ALL(v_locked);
+    END IF;
+    -- the rows are locked: this statement reads what the update sees
     RETURN QUERY
     WITH wanted AS (
         SELECT * FROM unnest(p_ids, p_versions, p_leases, p_early, p_resumes)
             AS w(id, version, lease, early, resume)),
-    previous AS (
+    -- materialized: found by id, then decided on (inlined, the planner scans by status)
+    previous AS MATERIALIZED (
         SELECT f.id, f.version, f.status, f.claim_id, f.scheduled_time, f.next_attempt_at,
                f.lease_until, f.calling_since
         FROM contractor_followup_schedules AS f
-        WHERE f.id = ANY(p_ids)
-        ORDER BY f.id
-        FOR UPDATE),
+        WHERE f.id = ANY(v_locked)),
     taken AS (
-        -- the rows are locked: what `previous` read of them is what the update sees
         SELECT p.id, p.status, w.lease, p.claim_id = w.resume AS resumed,
                -- taken back by its own process before its call started: the same attempt
                p.claim_id = w.resume AND p.calling_since IS NULL AS same_attempt
@@ -49,7 +63,7 @@ BEGIN
                    'attempt', (u.followup).attempts, 'takeover', u.from_status = 'sending',
                    'resumed', CASE WHEN u.resumed THEN true END))
         FROM updated AS u)
-    SELECT u.from_status, u.resumed, u.followup FROM updated AS u;
+    SELECT NULL::bigint, u.from_status, u.resumed, u.followup FROM updated AS u;
 END;
 $$;
 
@@ -133,4 +147,4 @@ $$;
 DROP FUNCTION followups_start_calls_in_turn(bigint[], uuid[], integer, interval, interval,
                                             interval, integer, integer);
 DROP FUNCTION followups_mark_sent(bigint[], text[], text[], text[], integer[], bigint[], uuid[]);
-DROP FUNCTION followups_claim(bigint[], integer[], interval[], interval[], uuid[]);
+DROP FUNCTION followups_claim(bigint[], integer[], interval[], interval[], uuid[], boolean);

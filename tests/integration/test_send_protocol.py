@@ -247,6 +247,26 @@ async def test_claims_made_together_go_in_one_transaction_and_each_row_to_one_cl
     assert (await row(pool, stale))["status"] == "scheduled"
 
 
+async def test_a_row_locked_elsewhere_does_not_hold_up_the_claims_batched_with_it(pool, repository):
+    contractor = await add_contractor(pool)
+    held, free = [await add_due(pool, contractor, key=f"locked-{n}") for n in range(2)]
+    async with pool.acquire() as other:
+        locking = other.transaction()
+        await locking.start()
+        await other.execute(
+            "SELECT 1 FROM contractor_followup_schedules WHERE id = $1 FOR UPDATE", held
+        )
+        waiting = asyncio.create_task(repository.claim(held, 1, LEASE, MARGIN))
+        claimed, _ = await asyncio.wait_for(repository.claim(free, 1, LEASE, MARGIN), 5)
+        assert claimed.id == free
+        await asyncio.sleep(0.2)
+        assert not waiting.done(), "the locked row is claimed alone, once its lock is let go"
+        await locking.rollback()
+    later, _ = await asyncio.wait_for(waiting, 5)
+    assert later.id == held
+    assert [t["to_status"] for t in await transitions(pool, held)][-1:] == ["sending"]
+
+
 async def test_claims_made_together_still_take_back_only_their_own_claims(pool, repository):
     contractor = await add_contractor(pool)
     held, live = [await add_due(pool, contractor, key=f"back-{n}") for n in range(2)]
