@@ -16,11 +16,20 @@
 4. answers `existing` with the stored row when the key was there already.
 
 Without the function the same steps took four round trips (BEGIN, the lock, the insert, COMMIT).
-The migration that installs this version holds the same text (a test compares them).
+
+Requests that arrive together go through `followups_insert_requests`: one round trip and one
+transaction for the batch, each request stored by `followups_insert_request` in a subtransaction
+of its own. The keys' locks are taken in one order (by their hash), so two batches that share
+keys never deadlock. A request that fails (a reference that does not exist, say) is answered
+`failed` and stored again alone, where it fails as it would have on its own, and its batch-mates
+are stored regardless.
+
+The migration that installs these versions holds the same texts (a test compares them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 
 import asyncpg
@@ -99,16 +108,54 @@ END;
 $$;
 """
 
+BATCH_FUNCTION_SQL = """\
+CREATE OR REPLACE FUNCTION followups_insert_requests(
+    p_contractor_ids bigint[], p_action_item_ids bigint[], p_event_ids bigint[],
+    p_scheduled_times timestamptz[], p_followup_types text[], p_message_templates text[],
+    p_message_tones text[], p_ai_should_personalize boolean[], p_ai_context_hints jsonb[],
+    p_skip_if_completed boolean[], p_is_recurring boolean[], p_recurrence_interval_days integer[],
+    p_idempotency_keys text[], p_priorities smallint[], p_requested_by text[]
+) RETURNS TABLE (request_index integer, outcome text, followup contractor_followup_schedules)
+LANGUAGE plpgsql ROWS 10 AS $$
+DECLARE
+    i integer;
+BEGIN
+    FOR i IN SELECT k.n FROM unnest(p_idempotency_keys) WITH ORDINALITY AS k(key, n)
+             ORDER BY hashtext(k.key), k.n LOOP
+        BEGIN
+            RETURN QUERY
+                SELECT i, r.outcome, r.followup
+                FROM followups_insert_request(
+                    p_contractor_ids[i], p_action_item_ids[i], p_event_ids[i],
+                    p_scheduled_times[i], p_followup_types[i], p_message_templates[i],
+                    p_message_tones[i], p_ai_should_personalize[i], p_ai_context_hints[i],
+                    p_skip_if_completed[i], p_is_recurring[i], p_recurrence_interval_days[i],
+                    p_idempotency_keys[i], p_priorities[i], p_requested_by[i]) AS r;
+        EXCEPTION WHEN OTHERS THEN
+            RETURN QUERY SELECT i, 'failed'::text, NULL::contractor_followup_schedules;
+        END;
+    END LOOP;
+END;
+$$;
+"""
+
 _CALL = f"""
     SELECT r.outcome, {row_columns("(r.followup)")}
     FROM followups_insert_request($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
                                   $14, $15) AS r"""
 
 
+_BATCH_CALL = f"""
+    SELECT r.request_index, r.outcome, {row_columns("(r.followup)")}
+    FROM followups_insert_requests($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                                   $14, $15) AS r"""
+
+
 class Stored(StrEnum):
     CREATED = "created"
     EXISTING = "existing"
     FOREIGN_ITEM = "foreign_item"
+    FAILED = "failed"  # in a batch only: stored again alone, to fail there as it would
 
 
 async def insert_request(
@@ -134,7 +181,39 @@ async def insert_request(
         request.requested_by,
     )
     assert record is not None
+    return _stored(record)
+
+
+async def insert_requests(
+    pool: asyncpg.Pool, batch: Sequence[tuple[FollowupRequested, str]]
+) -> list[tuple[Stored, Followup | None]]:
+    """What became of each (request, key) of `batch`, in its order, stored in one transaction;
+    `failed` for one that must be stored alone."""
+    requests = [request for request, _ in batch]
+    records = await pool.fetch(
+        _BATCH_CALL,
+        [r.contractor_id for r in requests],
+        [r.action_item_id for r in requests],
+        [r.event_id for r in requests],
+        [r.scheduled_time for r in requests],
+        [r.followup_type for r in requests],
+        [r.message_template for r in requests],
+        [r.message_tone for r in requests],
+        [r.ai_should_personalize for r in requests],
+        [r.ai_context_hints for r in requests],
+        [r.skip_if_completed for r in requests],
+        [r.is_recurring for r in requests],
+        [r.recurrence_interval_days for r in requests],
+        [key for _, key in batch],
+        [r.priority for r in requests],
+        [r.requested_by for r in requests],
+    )
+    answers = {record["request_index"]: _stored(record) for record in records}
+    return [answers[n] for n in range(1, len(batch) + 1)]
+
+
+def _stored(record: asyncpg.Record) -> tuple[Stored, Followup | None]:
     stored = Stored(record["outcome"])
-    if stored is Stored.FOREIGN_ITEM:
+    if stored in (Stored.FOREIGN_ITEM, Stored.FAILED):
         return stored, None
     return stored, Followup.from_record(record)

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 import asyncpg
 
-from services.scheduler.intake import Stored, insert_request
+from services.scheduler.intake import Stored, insert_request, insert_requests
+from shared.batching import Coalescer
 from shared.errors import Rejected
 from shared.occurrences import move
 from shared.rows import (
@@ -94,9 +96,15 @@ class SchedulerStore(Protocol):
     ) -> ResponseOutcome: ...
 
 
+# Requests that arrive while a batch of them is being stored wait for the next one (the
+# scheduler's prefetch bounds how many can).
+INSERT_BATCH = 64
+
+
 class SchedulerRepository:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._requests = Coalescer(self._insert_batch, max_batch=INSERT_BATCH)
 
     async def insert(
         self,
@@ -106,11 +114,21 @@ class SchedulerRepository:
         """Insert once per idempotency key. A contractor who opted out gets the row recorded as
         skipped, a key cancelled before its request arrived as cancelled. Returns (row,
         created). The caller arms the timers of a `scheduled` row after this commits: a timer
-        due at once must find the row."""
-        stored, row = await insert_request(self._pool, request, key)
+        due at once must find the row. Requests that arrive together are stored together, in
+        one round trip."""
+        stored, row = await self._requests.submit((request, key))
+        if stored is Stored.FAILED:
+            # It failed in its batch: alone, it fails as it would have (or, if what failed it
+            # has gone, it is stored).
+            stored, row = await insert_request(self._pool, request, key)
         if row is None:
             raise Rejected("unknown_reference", "action_item_id belongs to another contractor")
         return row, stored is Stored.CREATED
+
+    async def _insert_batch(
+        self, batch: Sequence[tuple[FollowupRequested, str]]
+    ) -> list[tuple[Stored, Followup | None]]:
+        return await insert_requests(self._pool, batch)
 
     async def get(self, followup_id: int) -> Followup | None:
         return await get_followup(self._pool, followup_id)

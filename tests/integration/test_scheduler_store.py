@@ -110,6 +110,42 @@ async def test_bad_references_are_rejected_at_scheduling_time(
     assert await _count(pool) == 0
 
 
+async def test_requests_arriving_together_are_stored_in_one_transaction(
+    pool, store, levels_timer, publisher
+):
+    contractor = await add_contractor(pool)
+    deps = _deps(store, levels_timer, publisher)
+    bodies = [_request(contractor, idempotency_key=f"together-{n}") for n in range(5)]
+    await asyncio.gather(*(handle(Incoming(b, "followup.requested"), deps) for b in bodies))
+    rows = await pool.fetch("SELECT status, created_at FROM contractor_followup_schedules")
+    assert [r["status"] for r in rows] == ["scheduled"] * 5
+    assert len({r["created_at"] for r in rows}) == 1, "one transaction's time on every row"
+
+
+async def test_a_bad_reference_in_a_batch_rejects_only_its_own_request(
+    pool, store, levels_timer, publisher
+):
+    contractor = await add_contractor(pool)
+    deps = _deps(store, levels_timer, publisher)
+    bodies = [
+        _request(contractor, idempotency_key="good-1"),
+        _request(999_999, idempotency_key="bad"),
+        _request(contractor, idempotency_key="good-2"),
+    ]
+    outcomes = await asyncio.gather(
+        *(handle(Incoming(b, "followup.requested"), deps) for b in bodies),
+        return_exceptions=True,
+    )
+    assert (outcomes[0], outcomes[2]) == (None, None)
+    assert isinstance(outcomes[1], Rejected)
+    assert (outcomes[1].rule, outcomes[1].detail) == (
+        "unknown_reference",
+        "contractor_id does not exist",
+    )
+    keys = await pool.fetch("SELECT idempotency_key FROM contractor_followup_schedules")
+    assert sorted(k["idempotency_key"] for k in keys) == ["key:good-1", "key:good-2"]
+
+
 async def test_another_contractors_action_item_is_an_unknown_reference(
     pool, store, levels_timer, publisher
 ):
@@ -196,6 +232,15 @@ def test_the_migration_installs_the_intake_module_function():
 async def test_the_database_runs_the_intake_module_function(pool, store):
     body = intake.FUNCTION_SQL.split("$$")[1]
     assert await installed_body(pool, "followups_insert_request") == body
+
+
+def test_the_migration_installs_the_intake_module_batch_function():
+    assert intake.BATCH_FUNCTION_SQL in newest_definition("followups_insert_requests")
+
+
+async def test_the_database_runs_the_intake_module_batch_function(pool, store):
+    body = intake.BATCH_FUNCTION_SQL.split("$$")[1]
+    assert await installed_body(pool, "followups_insert_requests") == body
 
 
 async def test_a_recurring_request_starts_its_own_series_and_logs_its_transition(
