@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from operator import attrgetter
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -68,3 +69,9 @@ class Coalescer(Generic[Item, Result]):
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+
+def as_columns(items: Sequence[object], *names: str) -> list[list[Any]]:
+    """A batch turned into one list per attribute, in `names`' order: the arrays a statement
+    over many rows takes (`unnest($1, $2, …)`)."""
+    return [[attrgetter(name)(item) for item in items] for name in names]

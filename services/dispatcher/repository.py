@@ -10,10 +10,10 @@ another dispatcher takes over only from an owner that is gone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 import asyncpg
@@ -21,7 +21,7 @@ import asyncpg
 from services.dispatcher import send_window
 from services.dispatcher.ports import GiveUp, Retry, Sent, Settled, Settlement
 from services.dispatcher.send_window import CallSlot
-from shared.batching import Coalescer
+from shared.batching import Coalescer, as_columns
 from shared.occurrences import (
     NextOccurrence,
     OccurrenceRecord,
@@ -98,16 +98,8 @@ class _SentCall:
     claim_id: UUID | None
 
     @staticmethod
-    def arguments(batch: Sequence[_SentCall]) -> tuple[list[object], ...]:
-        return (
-            [sent.followup_id for sent in batch],
-            [sent.sent_by for sent in batch],
-            [sent.note for sent in batch],
-            [sent.text_fallback_reason for sent in batch],
-            [sent.http_status for sent in batch],
-            [sent.call_id for sent in batch],
-            [sent.claim_id for sent in batch],
-        )
+    def arguments(batch: Sequence[_SentCall]) -> list[list[Any]]:
+        return as_columns(batch, *(field.name for field in fields(_SentCall)))
 
 
 # $1 id, $2 claim id, $3 next attempt, $4 error, $5 count the attempt, $6 deferred reason,
@@ -164,15 +156,8 @@ class DispatchRepository(OccurrenceRecord):
         # The same follow-up twice in one batch (a timer and its duplicate): the first asks,
         # the others are answered as a second claim would be, "held by another".
         first = list({wanted.followup_id: wanted for wanted in reversed(batch)}.values())
-        records = await self._pool.fetch(
-            _CLAIM,
-            [wanted.followup_id for wanted in first],
-            [wanted.version for wanted in first],
-            [wanted.lease for wanted in first],
-            [wanted.early for wanted in first],
-            [wanted.resume for wanted in first],
-            wait,
-        )
+        columns = as_columns(first, "followup_id", "version", "lease", "early", "resume")
+        records = await self._pool.fetch(_CLAIM, *columns, wait)
         busy = {record["busy_id"] for record in records if record["busy_id"] is not None}
         claimed = {
             record["id"]: (Followup.from_record(record), context_from(record))

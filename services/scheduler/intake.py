@@ -34,6 +34,7 @@ from enum import StrEnum
 
 import asyncpg
 
+from shared.batching import as_columns
 from shared.rows import Contractor, Followup, row_columns
 from shared.schemas import FollowupRequested
 from shared.transitions import LOG_TRANSITIONS
@@ -190,24 +191,23 @@ async def insert_requests(
     """What became of each (request, key) of `batch`, in its order, stored in one transaction;
     `failed` for one that must be stored alone."""
     requests = [request for request, _ in batch]
-    records = await pool.fetch(
-        _BATCH_CALL,
-        [r.contractor_id for r in requests],
-        [r.action_item_id for r in requests],
-        [r.event_id for r in requests],
-        [r.scheduled_time for r in requests],
-        [r.followup_type for r in requests],
-        [r.message_template for r in requests],
-        [r.message_tone for r in requests],
-        [r.ai_should_personalize for r in requests],
-        [r.ai_context_hints for r in requests],
-        [r.skip_if_completed for r in requests],
-        [r.is_recurring for r in requests],
-        [r.recurrence_interval_days for r in requests],
-        [key for _, key in batch],
-        [r.priority for r in requests],
-        [r.requested_by for r in requests],
+    columns = as_columns(
+        requests,
+        "contractor_id",
+        "action_item_id",
+        "event_id",
+        "scheduled_time",
+        "followup_type",
+        "message_template",
+        "message_tone",
+        "ai_should_personalize",
+        "ai_context_hints",
+        "skip_if_completed",
+        "is_recurring",
+        "recurrence_interval_days",
     )
+    extra = as_columns(requests, "priority", "requested_by")
+    records = await pool.fetch(_BATCH_CALL, *columns, [key for _, key in batch], *extra)
     answers = {record["request_index"]: _stored(record) for record in records}
     return [answers[n] for n in range(1, len(batch) + 1)]
 

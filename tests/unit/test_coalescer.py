@@ -1,11 +1,13 @@
-"""Calls grouped into batches while a batch runs (shared.batching)."""
+"""Calls grouped into batches while a batch runs, and a batch turned into the arrays of a
+statement (shared.batching)."""
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pytest
 
-from shared.batching import Coalescer
+from shared.batching import Coalescer, as_columns
 
 
 class Recorder:
@@ -108,3 +110,15 @@ async def test_callers_are_not_left_waiting_when_the_batches_stop():
 def test_a_batch_must_hold_at_least_one_item():
     with pytest.raises(ValueError, match="at least 1"):
         Coalescer(Recorder(), max_batch=0)
+
+
+@dataclass
+class Pair:
+    left: int
+    right: str | None
+
+
+def test_a_batch_becomes_one_list_per_attribute_in_the_order_asked():
+    batch = [Pair(1, "a"), Pair(2, None)]
+    assert as_columns(batch, "right", "left") == [["a", None], [1, 2]]
+    assert as_columns([], "left") == [[]]
