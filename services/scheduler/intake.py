@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
+from typing import Any
 
 import asyncpg
 
@@ -159,28 +160,30 @@ class Stored(StrEnum):
     FAILED = "failed"  # in a batch only: stored again alone, to fail there as it would
 
 
+# The request's fields in the order both functions take them; the key goes between the two.
+_BEFORE_KEY = (
+    "contractor_id",
+    "action_item_id",
+    "event_id",
+    "scheduled_time",
+    "followup_type",
+    "message_template",
+    "message_tone",
+    "ai_should_personalize",
+    "ai_context_hints",
+    "skip_if_completed",
+    "is_recurring",
+    "recurrence_interval_days",
+)
+_AFTER_KEY = ("priority", "requested_by")
+
+
 async def insert_request(
     pool: asyncpg.Pool, request: FollowupRequested, key: str
 ) -> tuple[Stored, Followup | None]:
     """What became of the request, and its row (None for `foreign_item`)."""
-    record = await pool.fetchrow(
-        _CALL,
-        request.contractor_id,
-        request.action_item_id,
-        request.event_id,
-        request.scheduled_time,
-        request.followup_type,
-        request.message_template,
-        request.message_tone,
-        request.ai_should_personalize,
-        request.ai_context_hints,
-        request.skip_if_completed,
-        request.is_recurring,
-        request.recurrence_interval_days,
-        key,
-        request.priority,
-        request.requested_by,
-    )
+    arguments = [column[0] for column in _arguments([(request, key)])]
+    record = await pool.fetchrow(_CALL, *arguments)
     assert record is not None
     return _stored(record)
 
@@ -190,26 +193,19 @@ async def insert_requests(
 ) -> list[tuple[Stored, Followup | None]]:
     """What became of each (request, key) of `batch`, in its order, stored in one transaction;
     `failed` for one that must be stored alone."""
-    requests = [request for request, _ in batch]
-    columns = as_columns(
-        requests,
-        "contractor_id",
-        "action_item_id",
-        "event_id",
-        "scheduled_time",
-        "followup_type",
-        "message_template",
-        "message_tone",
-        "ai_should_personalize",
-        "ai_context_hints",
-        "skip_if_completed",
-        "is_recurring",
-        "recurrence_interval_days",
-    )
-    extra = as_columns(requests, "priority", "requested_by")
-    records = await pool.fetch(_BATCH_CALL, *columns, [key for _, key in batch], *extra)
+    records = await pool.fetch(_BATCH_CALL, *_arguments(batch))
     answers = {record["request_index"]: _stored(record) for record in records}
     return [answers[n] for n in range(1, len(batch) + 1)]
+
+
+def _arguments(batch: Sequence[tuple[FollowupRequested, str]]) -> list[list[Any]]:
+    """One list per argument of the functions, an entry per request."""
+    requests = [request for request, _ in batch]
+    return [
+        *as_columns(requests, *_BEFORE_KEY),
+        [key for _, key in batch],
+        *as_columns(requests, *_AFTER_KEY),
+    ]
 
 
 def _stored(record: asyncpg.Record) -> tuple[Stored, Followup | None]:
