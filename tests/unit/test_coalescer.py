@@ -4,10 +4,11 @@ statement (shared.batching)."""
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 
-from shared.batching import Coalescer, as_columns
+from shared.batching import Coalescer, as_columns, linger_for
 
 
 class Recorder:
@@ -122,3 +123,54 @@ def test_a_batch_becomes_one_list_per_attribute_in_the_order_asked():
     batch = [Pair(1, "a"), Pair(2, None)]
     assert as_columns(batch, "right", "left") == [["a", None], [1, 2]]
     assert as_columns([], "left") == [[]]
+
+
+async def test_a_call_that_may_linger_waits_for_company_until_one_may_not():
+    run = Recorder()
+    coalescer = Coalescer(run, max_batch=8)
+    patient = [asyncio.create_task(coalescer.submit(item, linger=60)) for item in (1, 2)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert run.batches == []
+    assert await coalescer.submit(3) == 30
+    assert await asyncio.gather(*patient) == [10, 20]
+    assert run.batches == [[1, 2, 3]]
+
+
+async def test_a_lingering_call_goes_alone_once_its_linger_is_over():
+    run = Recorder()
+    coalescer = Coalescer(run, max_batch=8)
+    assert await coalescer.submit(4, linger=0.01) == 40
+    assert run.batches == [[4]]
+
+
+async def test_a_full_batch_starts_without_waiting_out_the_linger():
+    run = Recorder()
+    coalescer = Coalescer(run, max_batch=2)
+    assert await asyncio.gather(*(coalescer.submit(item, linger=60) for item in (5, 6))) == [
+        50,
+        60,
+    ]
+    assert run.batches == [[5, 6]]
+
+
+async def test_calls_that_come_while_a_batch_runs_linger_no_longer_than_they_may():
+    run = Recorder()
+    coalescer = Coalescer(run, max_batch=8)
+    run.gate.clear()
+    first = asyncio.create_task(coalescer.submit(1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    second = asyncio.create_task(coalescer.submit(2, linger=60))
+    urgent = asyncio.create_task(coalescer.submit(3))
+    await asyncio.sleep(0)
+    run.gate.set()
+    assert await asyncio.gather(first, second, urgent) == [10, 20, 30]
+    assert run.batches == [[1], [2, 3]]
+
+
+def test_a_call_lingers_a_tenth_of_its_time_to_spare_at_most_and_not_at_all_when_due():
+    assert linger_for(timedelta(seconds=8), 0.2) == 0.2
+    assert linger_for(timedelta(milliseconds=500), 0.2) == pytest.approx(0.05)
+    assert linger_for(timedelta(0), 0.2) == 0.0
+    assert linger_for(timedelta(seconds=-3), 0.2) == 0.0
