@@ -19,6 +19,7 @@ from services.dispatcher.decisions import (
 from services.dispatcher.deps import DispatcherDeps, PreparedSend
 from services.dispatcher.gateway import GatewayResult, Outcome, SmsRequest
 from services.dispatcher.settle import announce_sent, end, settle_sent, settle_unsent
+from shared.batching import linger_for
 from shared.consumer import Incoming
 from shared.faults import crash_point
 from shared.logging import get_logger
@@ -43,6 +44,8 @@ __all__ = ["DispatcherDeps", "handle"]
 log = get_logger("followups.dispatcher")
 
 LEASE_MARGIN = timedelta(milliseconds=250)
+# A claim taken well ahead of its send may wait this long for others to be claimed with it.
+CLAIM_LINGER_SECONDS = 0.05
 
 
 async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
@@ -60,8 +63,15 @@ async def handle(incoming: Incoming, deps: DispatcherDeps) -> None:
         await arm_after_lead(deps.timer, due, deps.personalize_lead, deps.clock())
         return
     held = deps.resumable.held(due.followup_id)
+    # A send timer fires `margin` ahead of the send; a timer that comes late leaves less.
+    spare = due.fire_at + deps.margin - deps.clock()
     claimed = await deps.repository.claim(
-        due.followup_id, due.version, deps.lease, deps.margin, resume=held
+        due.followup_id,
+        due.version,
+        deps.lease,
+        deps.margin,
+        resume=held,
+        linger=linger_for(spare, CLAIM_LINGER_SECONDS),
     )
     deps.resumable.forget(due.followup_id)
     if claimed is None:

@@ -65,6 +65,7 @@ class DispatchStore(Ends, Protocol):
         early: timedelta,
         *,
         resume: UUID | None = None,
+        linger: float = 0.0,
     ) -> tuple[Followup, SendContext | None] | None: ...
 
     async def renew(self, row: Followup, lease: timedelta) -> bool: ...
@@ -98,6 +99,7 @@ class DispatchStore(Ends, Protocol):
         note: str | None,
         text_fallback_reason: str | None,
         next_occurrence: NextOccurrence | None,
+        linger: float = 0.0,
     ) -> Sent: ...
 
     async def settle_unsent(

@@ -133,15 +133,17 @@ class DispatchRepository(OccurrenceRecord):
         early: timedelta,
         *,
         resume: UUID | None = None,
+        linger: float = 0.0,
     ) -> tuple[Followup, SendContext | None] | None:
         """Take the occurrence for sending under a new claim id, in one statement: the version
         must match, the row must be due (within `early`) and still scheduled (a committed cancel
         wins), or its owner gone (lease run out, or `resume` names its claim: the caller held it
         and stopped using it). The same round trip records the transition and reads the
         contractor, action item and event the send needs. Claims made at the same time go to
-        the database together, in one statement."""
+        the database together, in one statement; `linger`: seconds this one may wait for
+        others to join it."""
         wanted = _ClaimWanted(followup_id, version, lease, early, resume)
-        answer = await self._claims.submit(wanted)
+        answer = await self._claims.submit(wanted, linger=linger)
         if answer is Busy.ROW:
             # Another transaction holds the row: claimed alone, waiting for it, outside the
             # batches, so that the claims of other rows do not wait with it.
@@ -253,17 +255,19 @@ class DispatchRepository(OccurrenceRecord):
         note: str | None,
         text_fallback_reason: str | None,
         next_occurrence: NextOccurrence | None,
+        linger: float = 0.0,
     ) -> Sent:
         """Sent: the call, the row and its transition in one statement, and in the same
         transaction the next occurrence of a recurring follow-up, unless a cancel came during
         the call (it ends the series). The next occurrence is armed after the commit, so no
-        broker failure can undo "sent"."""
+        broker failure can undo "sent". `linger`: seconds a send with nothing to follow it may
+        wait for others to be recorded with it."""
         call = _SentCall(
             row.id, sent_by, note, text_fallback_reason, http_status, call_id, row.claim_id
         )
         if next_occurrence is None:
             # Nothing follows: recorded with the other sends of the moment, in one statement.
-            recorded = await self._sends.submit(call)
+            recorded = await self._sends.submit(call, linger=linger)
             if recorded is None:
                 return Sent(None, None, None)
             return Sent(recorded, None, _too_late(recorded))

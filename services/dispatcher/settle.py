@@ -38,6 +38,10 @@ from shared.topology import DISPATCHER_DUE
 
 log = get_logger("followups.dispatcher")
 
+# The call is made and its place given back: its record may wait this long for others to be
+# recorded with it (only the event and the ack wait for it).
+RECORD_LINGER_SECONDS = 0.05
+
 
 async def settle_sent(
     send: PreparedSend, result: GatewayResult, call_id: int, deps: DispatcherDeps
@@ -59,6 +63,7 @@ async def settle_sent(
             note=None if real else "console sink: not delivered to a gateway",
             text_fallback_reason=send.text_note,
             next_occurrence=send.plan,
+            linger=RECORD_LINGER_SECONDS,
         )
     )
     sent = outcome.row

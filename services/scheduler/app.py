@@ -15,10 +15,13 @@ from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 from shared.topology import SCHEDULER_INBOX
 
+# Deliveries handled at once.
+PREFETCH = 32
+
 
 def _handler(runtime: Runtime) -> Handler:
     deps = SchedulerDeps(
-        store=SchedulerRepository(runtime.pool),
+        store=SchedulerRepository(runtime.pool, in_flight=PREFETCH),
         timer=runtime.timer,
         publisher=runtime.publisher,
         personalize_lead=timedelta(seconds=runtime.settings.personalize_lead_seconds),
@@ -37,4 +40,4 @@ def _handler(runtime: Runtime) -> Handler:
 
 
 def create_app(settings: Settings) -> FastStream:
-    return create_service_app("scheduler", settings, SCHEDULER_INBOX, _handler, prefetch=32)
+    return create_service_app("scheduler", settings, SCHEDULER_INBOX, _handler, prefetch=PREFETCH)

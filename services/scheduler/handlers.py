@@ -10,6 +10,7 @@ from datetime import timedelta
 import asyncpg
 
 from services.scheduler.repository import SchedulerStore
+from shared.batching import linger_for
 from shared.bus import Publisher
 from shared.consumer import Incoming
 from shared.deliveries import DeliveryStore, ReportOutcome
@@ -33,6 +34,9 @@ from shared.templates import TemplateError, check_template
 from shared.timers import Clock, Timer
 
 log = get_logger("followups.scheduler")
+
+# A request whose send is seconds away may wait this long for others to be stored with it.
+INTAKE_LINGER_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,11 @@ async def schedule(request: FollowupRequested, incoming: Incoming, deps: Schedul
     except TemplateError as exc:
         raise Rejected("template", str(exc)) from None
     key = idempotency_key(request, incoming)
+    spare = request.scheduled_time - deps.dispatch_margin - deps.clock()
     try:
-        row, created = await deps.store.insert(request, key)
+        row, created = await deps.store.insert(
+            request, key, linger=linger_for(spare, INTAKE_LINGER_SECONDS)
+        )
     except asyncpg.ForeignKeyViolationError as exc:
         raise Rejected("unknown_reference", _missing_reference(exc)) from None
     bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id)

@@ -74,7 +74,9 @@ def _cancel_set(reason: str) -> str:
 class SchedulerStore(Protocol):
     """What the scheduler's handlers need of the record."""
 
-    async def insert(self, request: FollowupRequested, key: str) -> tuple[Followup, bool]: ...
+    async def insert(
+        self, request: FollowupRequested, key: str, *, linger: float = 0.0
+    ) -> tuple[Followup, bool]: ...
 
     async def find(self, reference: Reference) -> Followup | None: ...
 
@@ -96,27 +98,27 @@ class SchedulerStore(Protocol):
     ) -> ResponseOutcome: ...
 
 
-# Requests that arrive while a batch of them is being stored wait for the next one (the
-# scheduler's prefetch bounds how many can).
+# Requests that arrive while a batch of them is being stored wait for the next one.
 INSERT_BATCH = 64
 
 
 class SchedulerRepository:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """`in_flight`: how many requests the service handles at once (its prefetch). A batch that
+    holds them all is full: no other request can come to join it until one is answered."""
+
+    def __init__(self, pool: asyncpg.Pool, *, in_flight: int = INSERT_BATCH) -> None:
         self._pool = pool
-        self._requests = Coalescer(self._insert_batch, max_batch=INSERT_BATCH)
+        self._requests = Coalescer(self._insert_batch, max_batch=min(INSERT_BATCH, in_flight))
 
     async def insert(
-        self,
-        request: FollowupRequested,
-        key: str,
+        self, request: FollowupRequested, key: str, *, linger: float = 0.0
     ) -> tuple[Followup, bool]:
         """Insert once per idempotency key. A contractor who opted out gets the row recorded as
         skipped, a key cancelled before its request arrived as cancelled. Returns (row,
         created). The caller arms the timers of a `scheduled` row after this commits: a timer
         due at once must find the row. Requests that arrive together are stored together, in
-        one round trip."""
-        stored, row = await self._requests.submit((request, key))
+        one round trip; `linger`: seconds this one may wait for others to join it."""
+        stored, row = await self._requests.submit((request, key), linger=linger)
         if stored is Stored.FAILED:
             # It failed in its batch: alone, it fails as it would have (or, if what failed it
             # has gone, it is stored).

@@ -18,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.scheduler.app import PREFETCH as SCHEDULER_PREFETCH
 from shared.settings import Settings
 from shared.topology import WORK_QUEUES
 
@@ -275,9 +276,8 @@ def test_scalers_read_the_depth_of_the_queue_each_service_consumes(overlay):
     }
     (vhost,) = [d["spec"]["name"] for d in docs if d["kind"] == "Vhost"]
     queues = {work.name for work in WORK_QUEUES}
-    scheduler_app = (ROOT / "services/scheduler/app.py").read_text()
     per_replica = {
-        "followups-scheduler": int(re.search(r"prefetch=(\d+)", scheduler_app)[1]),
+        "followups-scheduler": SCHEDULER_PREFETCH,
         "followups-personalizer": int(
             config.get(
                 "PERSONALIZE_CONCURRENCY", Settings.model_fields["personalize_concurrency"].default

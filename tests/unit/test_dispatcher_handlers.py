@@ -16,6 +16,7 @@ from services.dispatcher.gateway import Gateway, GatewayResult, Outcome, SmsRequ
 from services.dispatcher.handlers import DispatcherDeps, handle
 from services.dispatcher.ports import DispatchStore, GiveUp, Retry, Sent, Settled, Settlement
 from services.dispatcher.send_window import CallSlot
+from services.dispatcher.settle import RECORD_LINGER_SECONDS
 from shared.consumer import Incoming
 from shared.metrics import MESSAGES
 from shared.occurrences import Ending
@@ -54,11 +55,13 @@ class FakeRecord(DispatchStore):
         self.row = row
         self.context = context
         self.calls: list[tuple[str, dict]] = []
+        self.claim_lingers: list[float] = []
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
 
-    async def claim(self, followup_id, version, lease, early, *, resume=None):
+    async def claim(self, followup_id, version, lease, early, *, resume=None, linger=0.0):
+        self.claim_lingers.append(linger)
         return self.row, self.context
 
     async def start_call(self, row, *, limit_per_minute, lease):
@@ -141,8 +144,8 @@ def _deps(record, gateway, publisher, *, quiet_hours=None) -> DispatcherDeps:
     )
 
 
-def _due() -> Incoming:
-    message = TimerMessage(kind=TimerKind.DISPATCH, followup_id=9, version=1, fire_at=NOW)
+def _due(fire_at: datetime = NOW) -> Incoming:
+    message = TimerMessage(kind=TimerKind.DISPATCH, followup_id=9, version=1, fire_at=fire_at)
     return Incoming(message.model_dump_json().encode(), DISPATCHER_DUE.name)
 
 
@@ -158,6 +161,25 @@ async def test_a_sent_follow_up_is_recorded_and_announced(publisher):
     assert [r.message for r in gateway.requests] == ["Hi Ana"]
     assert record.names() == ["mark_sent"]
     assert publisher.events() == ["followup.sent"]
+
+
+async def test_a_claim_with_its_margin_ahead_may_wait_for_company_and_a_late_one_may_not(
+    publisher,
+):
+    record = FakeRecord(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(_due(), _deps(record, gateway, publisher))
+    await handle(_due(NOW - timedelta(seconds=1)), _deps(record, gateway, publisher))
+    # a tenth of the 250 ms margin, then nothing
+    assert record.claim_lingers == [pytest.approx(0.025), 0.0]
+
+
+async def test_a_send_is_recorded_after_waiting_a_little_for_company(publisher):
+    record = FakeRecord(_row(), _context())
+    gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
+    await handle(_due(), _deps(record, gateway, publisher))
+    [(name, recorded)] = record.calls
+    assert (name, recorded["linger"]) == ("mark_sent", RECORD_LINGER_SECONDS)
 
 
 async def test_a_lost_database_connection_while_recording_the_call_runs_only_the_record_again(
@@ -203,7 +225,7 @@ class LosesConnectionOnce(FakeRecord):
         super().__init__(row, context)
         self.resumes: list[UUID | None] = []
 
-    async def claim(self, followup_id, version, lease, early, *, resume=None):
+    async def claim(self, followup_id, version, lease, early, *, resume=None, linger=0.0):
         self.resumes.append(resume)
         return self.row, self.context
 
@@ -406,7 +428,7 @@ async def test_a_permanent_refusal_fails_and_dead_letters_the_timer(publisher):
 class AlreadySent(FakeRecord):
     """The row this timer was for is sent already: the claim finds nothing to take."""
 
-    async def claim(self, followup_id, version, lease, early, *, resume=None):
+    async def claim(self, followup_id, version, lease, early, *, resume=None, linger=0.0):
         return None
 
     async def get(self, followup_id):

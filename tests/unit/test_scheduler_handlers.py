@@ -6,7 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.scheduler.handlers import SchedulerDeps, handle, idempotency_key, opt_change
+from services.scheduler.handlers import (
+    INTAKE_LINGER_SECONDS,
+    SchedulerDeps,
+    handle,
+    idempotency_key,
+    opt_change,
+)
 from services.scheduler.repository import ResponseOutcome, SchedulerStore
 from shared.consumer import Incoming
 from shared.deliveries import CarrierCodes, DeliveryStore
@@ -39,8 +45,10 @@ class FakeStore(SchedulerStore):
         self.cancelled: list[tuple[Reference, str]] = []
         self.responses: list[dict] = []
         self.stored: Followup | None = None
+        self.lingers: list[float] = []
 
-    async def insert(self, request, key):
+    async def insert(self, request, key, *, linger=0.0):
+        self.lingers.append(linger)
         if self.stored is not None:
             return self.stored, False
         self.stored = _row()
@@ -143,12 +151,14 @@ async def test_a_response_from_an_unknown_sender_is_rejected(deps):
     assert "4155552671" not in caught.value.detail
 
 
-def _requested(redelivered: bool = False) -> Incoming:
+def _requested(
+    redelivered: bool = False, scheduled_time: datetime = NOW + timedelta(hours=1)
+) -> Incoming:
     body = json.dumps(
         {
             "idempotency_key": "once",
             "contractor_id": 1,
-            "scheduled_time": (NOW + timedelta(hours=1)).isoformat(),
+            "scheduled_time": scheduled_time.isoformat(),
             "followup_type": "t",
             "message_template": "Hi",
         }
@@ -160,6 +170,13 @@ async def test_timers_are_armed_once_the_row_is_stored(deps):
     await handle(_requested(), deps)
     [send] = deps.publisher.timers()
     assert send.endswith(".followups.dispatcher.due")
+
+
+async def test_a_request_with_time_to_spare_may_wait_for_company_and_one_due_now_may_not(deps):
+    await handle(_requested(), deps)
+    deps.store.stored = None
+    await handle(_requested(scheduled_time=NOW), deps)
+    assert deps.store.lingers == [INTAKE_LINGER_SECONDS, 0.0]
 
 
 async def test_a_duplicate_request_arms_nothing(deps):
