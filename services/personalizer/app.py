@@ -49,7 +49,9 @@ def create_app(settings: Settings) -> FastStream:
         else:
             log.info("AI personalisation on", model=writer.model, prompt_variants=str(variants))
         deps = PersonalizerDeps(
-            store=PersonalizerRepository(runtime.pool),
+            store=PersonalizerRepository(
+                runtime.pool, in_flight=runtime.settings.personalize_concurrency
+            ),
             timer=runtime.timer,
             publisher=runtime.publisher,
             clock=runtime.clock,

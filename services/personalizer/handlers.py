@@ -10,8 +10,9 @@ from zoneinfo import ZoneInfo
 from services.personalizer.guard import check
 from services.personalizer.llm import TextWriter
 from services.personalizer.prompt import PromptInput, build_prompt
-from services.personalizer.repository import PersonalizerStore
+from services.personalizer.repository import PersonalizerStore, PreparedText
 from services.personalizer.variants import VariantPlan
+from shared.batching import linger_for
 from shared.bus import Publisher
 from shared.consumer import Incoming
 from shared.logging import get_logger
@@ -37,6 +38,10 @@ log = get_logger("followups.personalizer")
 LLM_SHARE = 0.5
 LLM_MAX_BUDGET = timedelta(seconds=20)
 LLM_MIN_BUDGET = timedelta(milliseconds=200)
+# A read with seconds before the send may wait this long for others to join it; the text's
+# write waits less, as its delivery is held meanwhile and the next timer waits for its place.
+READ_LINGER_SECONDS = 0.2
+STORE_LINGER_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,11 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
     ):
         return
     bound = log.bind(followup_id=due.followup_id, stage="personalize")
-    found = await deps.store.with_context(due.followup_id)
+    # The timer fires a lead ahead of the send (or sooner), and the text is wanted by then.
+    spare = due.fire_at + deps.personalize_lead - deps.dispatch_margin - deps.clock()
+    found = await deps.store.with_context(
+        due.followup_id, linger=linger_for(spare, READ_LINGER_SECONDS)
+    )
     row, context = found if found is not None else (None, None)
     if row is None or is_stale(row, due, Status.SCHEDULED):
         MESSAGES.labels("personalizer", "stale").inc()
@@ -96,13 +105,18 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
         return
     prepared = await _prepare(row, context, rendered, zone, deps)
     stored = await deps.store.store_text(
-        row.id,
-        row.version,
-        text=prepared.text,
-        source=prepared.source,
-        fallback_reason=prepared.fallback_reason,
-        model=prepared.model,
-        variant=prepared.variant,
+        PreparedText(
+            row.id,
+            row.version,
+            prepared.text,
+            prepared.source,
+            prepared.fallback_reason,
+            prepared.model,
+            prepared.variant,
+        ),
+        linger=linger_for(
+            row.scheduled_time - deps.dispatch_margin - deps.clock(), STORE_LINGER_SECONDS
+        ),
     )
     TEXT_SOURCE.labels(prepared.source, prepared.fallback_reason or "none").inc()
     MESSAGES.labels("personalizer", "prepared" if stored else "discarded").inc()

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from services.personalizer.handlers import PersonalizerDeps, handle
 from services.personalizer.llm import OpenAIWriter
 from services.personalizer.prompt import DATA_END, DATA_START
-from services.personalizer.repository import PersonalizerRepository
+from services.personalizer.repository import PersonalizerRepository, PreparedText
 from services.personalizer.variants import VariantPlan
 from services.scheduler.repository import SchedulerRepository
 from shared.consumer import Incoming
@@ -154,13 +154,7 @@ async def test_a_text_for_a_version_that_moved_on_is_discarded_without_a_transit
 ):
     row = await _followup(store, pool)
     assert not await deps.store.store_text(
-        row.id,
-        row.version + 1,
-        text=AI_TEXT,
-        source="ai",
-        fallback_reason=None,
-        model=MODEL,
-        variant=None,
+        PreparedText(row.id, row.version + 1, AI_TEXT, "ai", None, MODEL, None)
     )
     stored = await deps.store.get(row.id)
     assert stored is not None
@@ -170,6 +164,62 @@ async def test_a_text_for_a_version_that_moved_on_is_discarded_without_a_transit
         "WHERE followup_id = $1 AND stage = 'personalizer'",
         row.id,
     )
+
+
+async def test_reads_and_texts_that_come_together_share_a_round_trip(pool, store, deps, llm):
+    rows = [await _followup(store, pool) for _ in range(3)]
+    gone = max(row.id for row in rows) + 1000
+    found = await asyncio.gather(
+        *(deps.store.with_context(row.id, linger=60) for row in rows),
+        deps.store.with_context(rows[0].id, linger=60),
+        deps.store.with_context(gone),
+    )
+    assert [hit[0].id for hit in found[:4] if hit] == [row.id for row in rows] + [rows[0].id]
+    assert found[4] is None
+    assert all(
+        hit[1] is not None and hit[1].contractor.id == hit[0].contractor_id
+        for hit in found[:4]
+        if hit
+    )
+
+    first = PreparedText(rows[0].id, rows[0].version, "first", "ai", None, MODEL, "brief")
+    kept = await asyncio.gather(
+        deps.store.store_text(first, linger=60),
+        deps.store.store_text(
+            PreparedText(rows[0].id, rows[0].version, "again", "ai", None, MODEL, None),
+            linger=60,
+        ),
+        deps.store.store_text(
+            PreparedText(rows[1].id, rows[1].version + 1, "moved", "ai", None, MODEL, None),
+            linger=60,
+        ),
+        deps.store.store_text(
+            PreparedText(rows[2].id, rows[2].version, "third", "template", "timeout", None, None)
+        ),
+    )
+    assert kept == [True, False, False, True]
+    texts = {
+        record["id"]: (record["prepared_text"], record["text_fallback_reason"])
+        for record in await pool.fetch(
+            "SELECT id, prepared_text, text_fallback_reason FROM contractor_followup_schedules"
+            " WHERE id = ANY($1)",
+            [row.id for row in rows],
+        )
+    }
+    assert texts == {
+        rows[0].id: ("first", None),
+        rows[1].id: (None, None),
+        rows[2].id: ("third", "timeout"),
+    }
+    details = await pool.fetch(
+        "SELECT followup_id, detail FROM followup_transitions"
+        " WHERE stage = 'personalizer' AND followup_id = ANY($1) ORDER BY followup_id",
+        [row.id for row in rows],
+    )
+    assert [(record["followup_id"], record["detail"]) for record in details] == [
+        (rows[0].id, {"text_source": "ai", "fallback_reason": None, "model": MODEL}),
+        (rows[2].id, {"text_source": "template", "fallback_reason": "timeout", "model": None}),
+    ]
 
 
 async def test_the_prompt_has_tone_action_item_event_and_the_hints_in_the_data_section(
