@@ -267,6 +267,20 @@ async def test_a_row_locked_elsewhere_does_not_hold_up_the_claims_batched_with_i
     assert [t["to_status"] for t in await transitions(pool, held)][-1:] == ["sending"]
 
 
+async def test_a_cancel_committed_while_a_claim_waits_for_company_wins(pool, store, repository):
+    contractor = await add_contractor(pool)
+    cancelled, other = [await add_due(pool, contractor, key=f"linger-{n}") for n in range(2)]
+    waiting = asyncio.create_task(repository.claim(cancelled, 1, LEASE, MARGIN, linger=60))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await store.cancel(Reference(followup_id=cancelled), "customer called")
+    # a claim that may not wait starts the batch, the waiting one in it
+    claimed, _ = await asyncio.wait_for(repository.claim(other, 1, LEASE, MARGIN), 5)
+    assert claimed.id == other
+    assert await asyncio.wait_for(waiting, 5) is None
+    assert (await row(pool, cancelled))["status"] == "cancelled"
+
+
 async def test_claims_made_together_still_take_back_only_their_own_claims(pool, repository):
     contractor = await add_contractor(pool)
     held, live = [await add_due(pool, contractor, key=f"back-{n}") for n in range(2)]

@@ -36,13 +36,19 @@ async def test_a_lone_call_goes_at_once_as_a_batch_of_one():
     assert run.batches == [[3]]
 
 
-async def test_calls_made_while_a_batch_runs_go_together_in_the_next():
-    run = Recorder()
-    coalescer = Coalescer(run, max_batch=8)
+async def _batch_of_one_held(run: Recorder, coalescer: Coalescer) -> asyncio.Task[int]:
+    """Item 1 submitted, its batch started and held at the gate."""
     run.gate.clear()
     first = asyncio.create_task(coalescer.submit(1))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+    return first
+
+
+async def test_calls_made_while_a_batch_runs_go_together_in_the_next():
+    run = Recorder()
+    coalescer = Coalescer(run, max_batch=8)
+    first = await _batch_of_one_held(run, coalescer)
     later = [asyncio.create_task(coalescer.submit(item)) for item in (2, 3, 4)]
     await asyncio.sleep(0)
     run.gate.set()
@@ -157,10 +163,7 @@ async def test_a_full_batch_starts_without_waiting_out_the_linger():
 async def test_calls_that_come_while_a_batch_runs_linger_no_longer_than_they_may():
     run = Recorder()
     coalescer = Coalescer(run, max_batch=8)
-    run.gate.clear()
-    first = asyncio.create_task(coalescer.submit(1))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    first = await _batch_of_one_held(run, coalescer)
     second = asyncio.create_task(coalescer.submit(2, linger=60))
     urgent = asyncio.create_task(coalescer.submit(3))
     await asyncio.sleep(0)
