@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 from services.personalizer.guard import check
 from services.personalizer.llm import TextWriter
 from services.personalizer.prompt import PromptInput, build_prompt
-from services.personalizer.repository import PersonalizerStore, PreparedText
+from services.personalizer.repository import PersonalizerStore, PreparedText, Text
 from services.personalizer.variants import VariantPlan
 from shared.batching import linger_for
 from shared.bus import Publisher
@@ -57,15 +57,6 @@ class PersonalizerDeps:
     default_zone: ZoneInfo
 
 
-@dataclass(frozen=True)
-class Text:
-    text: str
-    source: str  # 'ai' or 'template'
-    fallback_reason: str | None
-    model: str | None
-    variant: str | None
-
-
 async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
     due = parse_timer(incoming.body)
     if due.kind is not TimerKind.PERSONALIZE:
@@ -105,15 +96,7 @@ async def handle(incoming: Incoming, deps: PersonalizerDeps) -> None:
         return
     prepared = await _prepare(row, context, rendered, zone, deps)
     stored = await deps.store.store_text(
-        PreparedText(
-            row.id,
-            row.version,
-            prepared.text,
-            prepared.source,
-            prepared.fallback_reason,
-            prepared.model,
-            prepared.variant,
-        ),
+        PreparedText(row.id, row.version, prepared),
         linger=linger_for(
             row.scheduled_time - deps.dispatch_margin - deps.clock(), STORE_LINGER_SECONDS
         ),

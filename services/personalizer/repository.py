@@ -63,13 +63,11 @@ BATCH = 64
 
 
 @dataclass(frozen=True)
-class PreparedText:
-    """A text to keep for the version of the follow-up it was written for."""
+class Text:
+    """A follow-up's text and where it came from."""
 
-    followup_id: int
-    version: int
     text: str
-    source: str
+    source: str  # 'ai' or 'template'
     fallback_reason: str | None
     model: str | None
     variant: str | None
@@ -81,6 +79,15 @@ class PreparedText:
             "fallback_reason": self.fallback_reason,
             "model": self.model,
         }
+
+
+@dataclass(frozen=True)
+class PreparedText:
+    """A text to keep for the version of the follow-up it was written for."""
+
+    followup_id: int
+    version: int
+    text: Text
 
 
 class PersonalizerStore(Ends, Protocol):
@@ -135,7 +142,7 @@ class PersonalizerRepository(OccurrenceRecord):
         # The same follow-up twice in one batch (a timer and its duplicate): the first is kept.
         firsts = {prepared.followup_id: prepared for prepared in reversed(batch)}
         first = list(firsts.values())
-        columns = [*as_columns(first, *_TEXT_FIELDS), [prepared.detail for prepared in first]]
+        columns = [*as_columns(first, *_COLUMNS), [prepared.text.detail for prepared in first]]
         if len(first) == 1:
             records = await self._pool.fetch(_STORE_ONE, *(column[0] for column in columns))
         else:
@@ -148,4 +155,5 @@ class PersonalizerRepository(OccurrenceRecord):
         ]
 
 
-_TEXT_FIELDS = tuple(field.name for field in fields(PreparedText))
+# The statement's parameters before the transition's detail, in its order.
+_COLUMNS = ("followup_id", "version", *(f"text.{field.name}" for field in fields(Text)))

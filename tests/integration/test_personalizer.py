@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from services.personalizer.handlers import PersonalizerDeps, handle
 from services.personalizer.llm import OpenAIWriter
 from services.personalizer.prompt import DATA_END, DATA_START
-from services.personalizer.repository import PersonalizerRepository, PreparedText
+from services.personalizer.repository import PersonalizerRepository, PreparedText, Text
 from services.personalizer.variants import VariantPlan
 from services.scheduler.repository import SchedulerRepository
 from shared.consumer import Incoming
@@ -154,7 +154,7 @@ async def test_a_text_for_a_version_that_moved_on_is_discarded_without_a_transit
 ):
     row = await _followup(store, pool)
     assert not await deps.store.store_text(
-        PreparedText(row.id, row.version + 1, AI_TEXT, "ai", None, MODEL, None)
+        PreparedText(row.id, row.version + 1, Text(AI_TEXT, "ai", None, MODEL, None))
     )
     stored = await deps.store.get(row.id)
     assert stored is not None
@@ -182,19 +182,21 @@ async def test_reads_and_texts_that_come_together_share_a_round_trip(pool, store
         if hit
     )
 
-    first = PreparedText(rows[0].id, rows[0].version, "first", "ai", None, MODEL, "brief")
+    first = PreparedText(rows[0].id, rows[0].version, Text("first", "ai", None, MODEL, "brief"))
     kept = await asyncio.gather(
         deps.store.store_text(first, linger=60),
         deps.store.store_text(
-            PreparedText(rows[0].id, rows[0].version, "again", "ai", None, MODEL, None),
+            PreparedText(rows[0].id, rows[0].version, Text("again", "ai", None, MODEL, None)),
             linger=60,
         ),
         deps.store.store_text(
-            PreparedText(rows[1].id, rows[1].version + 1, "moved", "ai", None, MODEL, None),
+            PreparedText(rows[1].id, rows[1].version + 1, Text("moved", "ai", None, MODEL, None)),
             linger=60,
         ),
         deps.store.store_text(
-            PreparedText(rows[2].id, rows[2].version, "third", "template", "timeout", None, None)
+            PreparedText(
+                rows[2].id, rows[2].version, Text("third", "template", "timeout", None, None)
+            )
         ),
     )
     assert kept == [True, False, False, True]
