@@ -39,7 +39,8 @@ def permission_patterns() -> dict[str, str]:
 def restricted_url():
     vhost = f"followups_access_{uuid.uuid4().hex[:10]}"
     user = f"followups_access_{uuid.uuid4().hex[:10]}"
-    password = secrets.token_urlsafe(24)
+    # rabbitmqctl reads an argument that starts with '-' as an option, and a urlsafe token may.
+    password = secrets.token_hex(24)
     patterns = permission_patterns()
     rabbitmqctl("add_vhost", vhost)
     try:
