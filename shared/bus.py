@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import aio_pika
 import aio_pika.abc
+import aiormq
+import aiormq.exceptions
 from faststream.rabbit import Channel, RabbitBroker
 
 from shared.errors import RetryLater
@@ -16,6 +18,7 @@ from shared.schemas import LifecycleEvent
 from shared.topology import DEAD_LETTER_EXCHANGE, PUBLIC_EXCHANGE
 
 JSON = "application/json"
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 class Publisher(Protocol):
@@ -68,7 +71,6 @@ class AmqpPublisher:
         self._name = name
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
 
     async def connect(self) -> None:
         connection = await aio_pika.connect_robust(
@@ -87,7 +89,6 @@ class AmqpPublisher:
             await self._connection.close()
         self._connection = None
         self._channel = None
-        self._exchanges.clear()
 
     async def __aenter__(self) -> AmqpPublisher:
         await self.connect()
@@ -107,21 +108,6 @@ class AmqpPublisher:
             and not self._channel.is_closed
         )
 
-    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            if self._channel is None:
-                raise RuntimeError("the publisher is not connected: call connect() first")
-            # Declared by `declare_topology`: looked up without a round trip. The robust
-            # channel keeps this object valid across reconnects.
-            exchange = (
-                await self._channel.get_exchange(name, ensure=False)
-                if name
-                else self._channel.default_exchange
-            )
-            self._exchanges[name] = exchange
-        return exchange
-
     async def publish(
         self,
         body: bytes,
@@ -132,28 +118,37 @@ class AmqpPublisher:
         priority: int | None = None,
         mandatory: bool = True,
     ) -> None:
-        message = aio_pika.Message(
-            body,
-            headers=headers,
+        if self._channel is None:
+            raise RuntimeError("the publisher is not connected: call connect() first")
+        # The frame's properties are built here and the publish goes straight to the channel's
+        # AMQP layer: aio-pika's message and exchange objects around it cost a fifth of each
+        # publish's CPU, and the scheduler's intake is bound by its publishes.
+        properties = aiormq.spec.Basic.Properties(
             content_type=JSON,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
+            headers=headers,
             priority=priority,
             timestamp=datetime.now(UTC),
         )
-        target = await self._exchange(exchange)
         try:
-            await target.publish(
-                message,
+            if self._channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError("the publishing channel is closed")
+            # On a robust connection this waits while it reconnects.
+            channel = await self._channel.get_underlay_channel()
+            await channel.basic_publish(
+                body,
+                exchange=exchange,
                 routing_key=routing_key,
+                properties=properties,
                 mandatory=mandatory,
                 timeout=PUBLISH_TIMEOUT_SECONDS,
             )
-        except aio_pika.exceptions.PublishError:
+        except aiormq.exceptions.PublishError:
             # Returned unroutable: a binding is missing, which waiting does not mend.
             raise
         except (
-            aio_pika.exceptions.DeliveryError,
-            aio_pika.exceptions.ChannelInvalidStateError,
+            aiormq.exceptions.DeliveryError,
+            aiormq.exceptions.ChannelInvalidStateError,
             TimeoutError,
         ) as exc:
             # Refused (a full queue's reject-publish), unconfirmed in time, or a channel between

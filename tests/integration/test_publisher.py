@@ -73,6 +73,19 @@ async def test_publishing_before_connecting_says_what_to_do(settings):
     assert not publisher.is_connected
 
 
+async def test_a_publish_on_a_closed_channel_is_retried_later_and_counted_nowhere(settings):
+    """A channel closed under the publisher (between reconnects, or given up) is a moment's
+    trouble: the handler retries the same publish, and no publish is counted that was not sent."""
+    name = f"tests-{uuid.uuid4().hex[:8]}"
+    routing_key = f"test.{uuid.uuid4().hex[:8]}"
+    async with AmqpPublisher(settings.rabbitmq_url, name=name) as publisher:
+        await publisher._channel.close()
+        with pytest.raises(RetryLater, match="ChannelInvalidStateError") as refused:
+            await publisher.publish(b"{}", exchange=PUBLIC_EXCHANGE, routing_key=routing_key)
+    assert isinstance(refused.value, TRANSIENT)
+    assert PUBLISHED.labels(name, f"{PUBLIC_EXCHANGE}.{routing_key}")._value.get() == 0
+
+
 def _publishing_connection_pids(vhost: str, name: str) -> list[str]:
     listed = subprocess.run(
         broker_node().cli("list_connections", "-p", vhost, "pid", "client_properties"),
