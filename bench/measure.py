@@ -13,7 +13,7 @@ import asyncpg
 from bench.probes import Sampler
 from bench.progress import Tracker
 from bench.report import Row
-from bench.stats import duplicates, spread, tail_by_second
+from bench.stats import call_split, duplicates, spread, tail_by_second
 from testbed.webhook_process import RemoteWebhookReceiver
 
 
@@ -195,6 +195,26 @@ async def dispatcher_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, fl
         after_id,
     )
     return _tail([row["lateness_ms"] for row in rows])
+
+
+async def fill_call_split(
+    row: Row, pool: asyncpg.Pool, after_id: int, first: list[Delivery]
+) -> None:
+    """Each first call's lateness split at its start as the dispatcher recorded it (the
+    database's clock, the receiver's on the same machine): the part before the call, and the
+    call itself up to the receiver's stamp."""
+    rows = await pool.fetch(
+        """SELECT id, extract(epoch FROM webhook_started_at)::float8 AS started
+           FROM contractor_followup_schedules
+           WHERE id > $1 AND webhook_started_at IS NOT NULL""",
+        after_id,
+    )
+    started = {row["id"]: row["started"] for row in rows}
+    row.extra["lateness_split"] = call_split(
+        (d.scheduled_at, started[d.followup_id], d.received_at)
+        for d in first
+        if d.followup_id in started
+    )
 
 
 async def claim_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, float | None]:

@@ -171,6 +171,12 @@ def summary(row: Row) -> str:
             f"lateness p50 {_ms(row.lateness_ms.p50)} p99 {_ms(row.lateness_ms.p99)} "
             f"max {_ms(row.lateness_ms.max)} ms, early {row.early}, dup keys {row.duplicate_keys}"
         )
+    split = row.extra.get("lateness_split")
+    if split and split["call_ms"]["p99"] is not None:
+        parts.append(
+            f"p99 before the call {_ms(split['before_call_ms']['p99'])} ms, "
+            f"in the call {_ms(split['call_ms']['p99'])} ms"
+        )
     if row.throughput is not None:
         parts.append(f"{row.throughput:,.0f} {row.throughput_unit}")
     if row.cpu_ms_per_followup is not None:

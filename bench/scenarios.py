@@ -16,6 +16,7 @@ from bench.measure import (
     claim_lateness,
     deliveries,
     dispatcher_lateness,
+    fill_call_split,
     fill_cpu_per_followup,
     fill_resources,
     fill_sends,
@@ -120,6 +121,7 @@ async def _timed_sends(
     first = fill_sends(row, await deliveries(stack.receiver))
     row.extra["statuses"] = await statuses(stack.pool, base)
     row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
+    await fill_call_split(row, stack.pool, base, first)
     row.extra["claim_lateness_ms"] = await claim_lateness(stack.pool, base)
     return base, sorted(d.received_at for d in first)
 
@@ -182,6 +184,7 @@ async def _paced_sends(
     first = fill_sends(row, await deliveries(stack.receiver))
     row.extra["statuses"] = await statuses(stack.pool, base)
     row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
+    await fill_call_split(row, stack.pool, base, first)
     row.extra["claim_lateness_ms"] = await claim_lateness(stack.pool, base)
     return base, sorted(d.received_at for d in first)
 

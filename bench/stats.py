@@ -6,6 +6,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -57,6 +58,43 @@ def tail_by_second(points: Iterable[tuple[float, float]]) -> list[dict[str, floa
         }
         for second, values in sorted(buckets.items())
     ]
+
+
+def call_split(calls: Iterable[tuple[float, float, float]]) -> dict[str, Any]:
+    """(scheduled, call start, receive) in epoch seconds for each first call → where its lateness
+    went: before the call (its start as the dispatcher recorded it − scheduled) and in the call
+    (receive − start: the request on its way and the receiver's wait for a core), p50/p99/max of
+    each, and the p99 of each per second of due time from the first."""
+    ordered = sorted(calls)
+    before = [(start - due) * 1000 for due, start, _ in ordered]
+    during = [(received - start) * 1000 for _, start, received in ordered]
+    buckets: dict[int, tuple[list[float], list[float]]] = {}
+    if ordered:
+        first_due = ordered[0][0]
+        for (due, _, _), wait, call in zip(ordered, before, during, strict=True):
+            waits, calls_ = buckets.setdefault(int(due - first_due), ([], []))
+            waits.append(wait)
+            calls_.append(call)
+    return {
+        "before_call_ms": _p50_p99_max(before),
+        "call_ms": _p50_p99_max(during),
+        "by_second": [
+            {
+                "second": second,
+                "before_call_p99": round(percentile(waits, 99) or 0.0, 1),
+                "call_p99": round(percentile(calls_, 99) or 0.0, 1),
+            }
+            for second, (waits, calls_) in sorted(buckets.items())
+        ],
+    }
+
+
+def _p50_p99_max(values: Sequence[float]) -> dict[str, float | None]:
+    found = spread(values)
+    return {
+        name: None if value is None else round(value, 1)
+        for name, value in (("p50", found.p50), ("p99", found.p99), ("max", found.max))
+    }
 
 
 def peak_rate(times: Iterable[float], window: float = 1.0) -> float:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bench.report import Row, is_peer, peer_ratios, ratio, table
-from bench.stats import spread
+from bench.report import Row, is_peer, peer_ratios, ratio, summary, table
+from bench.stats import call_split, spread
 
 
 def row(scenario: str, backend: str, lateness: list[float], throughput: float, cpu: float) -> Row:
@@ -49,3 +49,11 @@ def test_the_table_shows_the_ratios_beside_our_row():
     assert columns["thru ×peer"] == ["2.00×", "-"]
     assert columns["CPU ×peer"] == ["4.00×", "-"]
     assert columns["CPU ms/fu"] == ["20.00", "5.00"]
+
+
+def test_the_summary_line_says_how_much_of_the_tail_came_before_the_call_and_in_it():
+    found = row("steady", "levels", [5.0, 42.0], 100.0, 10.0)
+    found.extra["lateness_split"] = call_split([(10.0, 10.002, 10.005), (10.5, 10.53, 10.542)])
+    line = summary(found)
+    assert "p99 before the call 30.0 ms, in the call 12.0 ms" in line
+    assert "before the call" not in summary(row("steady", "levels", [5.0], 100.0, 10.0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench.stats import (
+    call_split,
     duplicates,
     flatness,
     mean_rate,
@@ -83,3 +84,18 @@ def test_the_tail_by_second_counts_each_second_of_due_time_from_the_first():
         {"second": 3, "count": 1, "p99": 1.0, "max": 1.0},
     ]
     assert tail_by_second([]) == []
+
+
+def test_the_call_split_tells_the_wait_before_the_call_from_the_call_itself():
+    # (scheduled, call start, receive): one call waited 30 ms to start, one took 40 ms on its way.
+    calls = [(100.0, 100.002, 100.005), (100.5, 100.53, 100.532), (101.2, 101.201, 101.241)]
+    found = call_split(calls)
+    assert found["before_call_ms"] == {"p50": 2.0, "p99": 30.0, "max": 30.0}
+    assert found["call_ms"] == {"p50": 3.0, "p99": 40.0, "max": 40.0}
+    assert found["by_second"] == [
+        {"second": 0, "before_call_p99": 30.0, "call_p99": 3.0},
+        {"second": 1, "before_call_p99": 1.0, "call_p99": 40.0},
+    ]
+    empty = call_split([])
+    assert empty["call_ms"] == {"p50": None, "p99": None, "max": None}
+    assert empty["by_second"] == []
