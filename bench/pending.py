@@ -39,6 +39,9 @@ from shared.settings import DelayBackend, Settings
 from shared.timers import make_timer
 
 BATCH = 20_000
+# The steady scenario on top of the load publishes keys `pending-<i>`: the loaded follow-ups' keys
+# must differ, or the scheduler takes those requests for repeats of loaded ones and ignores them.
+LOADED_KEY_PREFIX = "pending-load-"
 FIRST_DAY = 2  # pending follow-ups are spread over days 2 to 9 from now
 SPAN_DAYS = 7
 
@@ -49,7 +52,7 @@ WITH made AS (
         requested_by)
     SELECT ($3::bigint[])[1 + n % cardinality($3::bigint[])],
            $4::timestamptz + (n::float8 / $5) * $6::interval,
-           'check_in', $7, 'key:pending-' || n, 'bench-pending'
+           'check_in', $7, 'key:' || $8::text || n, 'bench-pending'
     FROM generate_series($1::bigint, $2::bigint - 1) AS n
     RETURNING {columns}
 ), logged AS (
@@ -60,6 +63,10 @@ WITH made AS (
 )
 SELECT {columns} FROM made
 """
+
+
+def loaded_key(n: int) -> str:
+    return f"{LOADED_KEY_PREFIX}{n}"
 
 
 def _spread_start() -> datetime:
@@ -113,6 +120,7 @@ async def load_direct(
                 float(count),
                 timedelta(days=SPAN_DAYS),
                 TEMPLATE,
+                LOADED_KEY_PREFIX,
             )
             rows = [Followup.from_record(record) for record in records]
             share = -(-len(rows) // workers)
@@ -156,7 +164,7 @@ async def load_through_scheduler(
             for first in range(0, count, BATCH):
                 last = min(first + BATCH, count)
                 bodies = [
-                    request_body(f"pending-{n}", ids[n % len(ids)], start + step * n)
+                    request_body(loaded_key(n), ids[n % len(ids)], start + step * n)
                     for n in range(first, last)
                 ]
                 await publish_requests(publisher, bodies, window)
