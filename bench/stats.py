@@ -67,24 +67,24 @@ def call_split(calls: Iterable[tuple[float, float, float]]) -> dict[str, Any]:
     each, and the p99 of each per second of due time from the first."""
     ordered = sorted(calls)
     before = [(start - due) * 1000 for due, start, _ in ordered]
-    during = [(received - start) * 1000 for _, start, received in ordered]
-    buckets: dict[int, tuple[list[float], list[float]]] = {}
+    within = [(received - start) * 1000 for _, start, received in ordered]
+    seconds: dict[int, tuple[list[float], list[float]]] = {}
     if ordered:
         first_due = ordered[0][0]
-        for (due, _, _), wait, call in zip(ordered, before, during, strict=True):
-            waits, calls_ = buckets.setdefault(int(due - first_due), ([], []))
+        for (due, _, _), wait, took in zip(ordered, before, within, strict=True):
+            waits, takes = seconds.setdefault(int(due - first_due), ([], []))
             waits.append(wait)
-            calls_.append(call)
+            takes.append(took)
     return {
         "before_call_ms": _p50_p99_max(before),
-        "call_ms": _p50_p99_max(during),
+        "call_ms": _p50_p99_max(within),
         "by_second": [
             {
                 "second": second,
                 "before_call_p99": round(percentile(waits, 99) or 0.0, 1),
-                "call_p99": round(percentile(calls_, 99) or 0.0, 1),
+                "call_p99": round(percentile(takes, 99) or 0.0, 1),
             }
-            for second, (waits, calls_) in sorted(buckets.items())
+            for second, (waits, takes) in sorted(seconds.items())
         ],
     }
 
