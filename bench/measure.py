@@ -13,7 +13,7 @@ import asyncpg
 from bench.probes import Sampler
 from bench.progress import Tracker
 from bench.report import Row
-from bench.stats import call_split, duplicates, spread, tail_by_second
+from bench.stats import call_split, duplicates, spread, tail, tail_by_second
 from testbed.webhook_process import RemoteWebhookReceiver
 
 
@@ -186,17 +186,6 @@ async def statuses(pool: asyncpg.Pool, after_id: int) -> dict[str, int]:
     return {row["status"]: row["n"] for row in rows}
 
 
-async def dispatcher_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, float | None]:
-    """The dispatcher's own figure (webhook call start − scheduled_time), to tell the time
-    spent before the call from the time the call itself took."""
-    rows = await pool.fetch(
-        """SELECT lateness_ms FROM contractor_followup_schedules
-           WHERE id > $1 AND lateness_ms IS NOT NULL""",
-        after_id,
-    )
-    return _tail([row["lateness_ms"] for row in rows])
-
-
 async def fill_call_split(
     row: Row, pool: asyncpg.Pool, after_id: int, first: list[Delivery]
 ) -> None:
@@ -230,9 +219,4 @@ async def claim_lateness(pool: asyncpg.Pool, after_id: int) -> dict[str, float |
            GROUP BY f.id, f.scheduled_time""",
         after_id,
     )
-    return _tail([float(row["late_ms"]) for row in rows])
-
-
-def _tail(values: list[float]) -> dict[str, float | None]:
-    found = spread(values)
-    return {"p50": found.p50, "p99": found.p99, "max": found.max}
+    return tail([float(row["late_ms"]) for row in rows])

@@ -15,7 +15,6 @@ from bench.load import paced_moments, publish_paced, publish_requests, request_b
 from bench.measure import (
     claim_lateness,
     deliveries,
-    dispatcher_lateness,
     fill_call_split,
     fill_cpu_per_followup,
     fill_resources,
@@ -120,7 +119,6 @@ async def _timed_sends(
     await asyncio.sleep(GRACE)
     first = fill_sends(row, await deliveries(stack.receiver))
     row.extra["statuses"] = await statuses(stack.pool, base)
-    row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
     await fill_call_split(row, stack.pool, base, first)
     row.extra["claim_lateness_ms"] = await claim_lateness(stack.pool, base)
     return base, sorted(d.received_at for d in first)
@@ -183,7 +181,6 @@ async def _paced_sends(
         row.notes.append(f"only {stored:,} of {len(times):,} requests were stored")
     first = fill_sends(row, await deliveries(stack.receiver))
     row.extra["statuses"] = await statuses(stack.pool, base)
-    row.extra["dispatcher_lateness_ms"] = await dispatcher_lateness(stack.pool, base)
     await fill_call_split(row, stack.pool, base, first)
     row.extra["claim_lateness_ms"] = await claim_lateness(stack.pool, base)
     return base, sorted(d.received_at for d in first)

@@ -60,40 +60,27 @@ def tail_by_second(points: Iterable[tuple[float, float]]) -> list[dict[str, floa
     ]
 
 
-def call_split(calls: Iterable[tuple[float, float, float]]) -> dict[str, Any]:
-    """(scheduled, call start, receive) in epoch seconds for each first call → where its lateness
-    went: before the call (its start as the dispatcher recorded it − scheduled) and in the call
-    (receive − start: the request on its way and the receiver's wait for a core), p50/p99/max of
-    each, and the p99 of each per second of due time from the first."""
-    ordered = sorted(calls)
-    before = [(start - due) * 1000 for due, start, _ in ordered]
-    within = [(received - start) * 1000 for _, start, received in ordered]
-    seconds: dict[int, tuple[list[float], list[float]]] = {}
-    if ordered:
-        first_due = ordered[0][0]
-        for (due, _, _), wait, took in zip(ordered, before, within, strict=True):
-            waits, takes = seconds.setdefault(int(due - first_due), ([], []))
-            waits.append(wait)
-            takes.append(took)
-    return {
-        "before_call_ms": _p50_p99_max(before),
-        "call_ms": _p50_p99_max(within),
-        "by_second": [
-            {
-                "second": second,
-                "before_call_p99": round(percentile(waits, 99) or 0.0, 1),
-                "call_p99": round(percentile(takes, 99) or 0.0, 1),
-            }
-            for second, (waits, takes) in sorted(seconds.items())
-        ],
-    }
-
-
-def _p50_p99_max(values: Sequence[float]) -> dict[str, float | None]:
+def tail(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p99 and max, to a tenth of a unit; None for each when there are no values."""
     found = spread(values)
     return {
         name: None if value is None else round(value, 1)
         for name, value in (("p50", found.p50), ("p99", found.p99), ("max", found.max))
+    }
+
+
+def call_split(calls: Iterable[tuple[float, float, float]]) -> dict[str, Any]:
+    """(scheduled, call start, receive) in epoch seconds for each first call → where its lateness
+    went: before the call (its start as the dispatcher recorded it − scheduled) and in the call
+    (receive − start: the request on its way and the receiver's wait for a core), overall and
+    per second of due time (`tail_by_second`)."""
+    ordered = sorted(calls)
+    before = [(due, (start - due) * 1000) for due, start, _ in ordered]
+    within = [(due, (received - start) * 1000) for due, start, received in ordered]
+    return {
+        "before_call_ms": tail([ms for _, ms in before]),
+        "call_ms": tail([ms for _, ms in within]),
+        "by_second": {"before_call": tail_by_second(before), "call": tail_by_second(within)},
     }
 
 

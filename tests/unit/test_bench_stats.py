@@ -92,10 +92,16 @@ def test_the_call_split_tells_the_wait_before_the_call_from_the_call_itself():
     found = call_split(calls)
     assert found["before_call_ms"] == {"p50": 2.0, "p99": 30.0, "max": 30.0}
     assert found["call_ms"] == {"p50": 3.0, "p99": 40.0, "max": 40.0}
-    assert found["by_second"] == [
-        {"second": 0, "before_call_p99": 30.0, "call_p99": 3.0},
-        {"second": 1, "before_call_p99": 1.0, "call_p99": 40.0},
-    ]
+    assert found["by_second"] == {
+        "before_call": [
+            {"second": 0, "count": 2, "p99": 30.0, "max": 30.0},
+            {"second": 1, "count": 1, "p99": 1.0, "max": 1.0},
+        ],
+        "call": [
+            {"second": 0, "count": 2, "p99": 3.0, "max": 3.0},
+            {"second": 1, "count": 1, "p99": 40.0, "max": 40.0},
+        ],
+    }
     empty = call_split([])
     assert empty["call_ms"] == {"p50": None, "p99": None, "max": None}
-    assert empty["by_second"] == []
+    assert empty["by_second"] == {"before_call": [], "call": []}
