@@ -65,7 +65,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 typecheck: install
-	$(BIN)/mypy shared services
+	$(BIN)/mypy shared services bench
 
 check: lint typecheck test
 

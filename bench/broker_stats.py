@@ -173,8 +173,9 @@ def timer_work(
         armed, delivered = int(stats.get("publish_in", 0)), int(stats.get("publish_out", 0))
         direct = max(0, timer_publishes - delivered)
         return TimerWork(0, armed + direct, delivered + into_work, True, delivered, 0, other)
-    if all(c is not None for c in counts):
-        between = sum(c - _stat(q, "publish") for c, q in zip(counts, timers, strict=True))
+    known = [c for c in counts if c is not None]
+    if len(known) == len(counts):
+        between = sum(c - _stat(q, "publish") for c, q in zip(known, timers, strict=True))
         return TimerWork(len(timers), timer_publishes, between + into_work, True, into_work, left)
     hops = None
     if node_before is not None and node_after is not None:

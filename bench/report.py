@@ -87,10 +87,10 @@ def peer_ratios(row: Row, rows: list[Row]) -> Ratios | None:
     peer = next((r for r in rows if is_peer(r) and r.scenario == row.scenario), None)
     if peer is None:
         return None
-    ours_spread, peer_spread = row.lateness_ms, peer.lateness_ms
+    ours, theirs = row.lateness_ms, peer.lateness_ms
     return Ratios(
-        p50=ratio(ours_spread and ours_spread.p50, peer_spread and peer_spread.p50),
-        p99=ratio(ours_spread and ours_spread.p99, peer_spread and peer_spread.p99),
+        p50=ratio(ours.p50, theirs.p50) if ours and theirs else None,
+        p99=ratio(ours.p99, theirs.p99) if ours and theirs else None,
         throughput=ratio(row.throughput, peer.throughput),
         cpu=ratio(row.cpu_ms_per_followup, peer.cpu_ms_per_followup),
     )
