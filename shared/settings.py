@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     # waits in place for the exact instant. It covers the timer's own lateness, which on a busy
     # broker reached well past a quarter of a second.
     dispatch_margin_ms: Annotated[int, Field(ge=0, le=5000)] = 1000
+    # A first call's start (its place in the send window, the record that it is under way) is
+    # taken this much ahead of `scheduled_time`, so that at the instant only the POST is left.
+    # A cancel that commits within it is too late, as one during the call is.
+    dispatch_call_lead_ms: Annotated[int, Field(ge=0, le=1000)] = 50
 
     sweep_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 30
     sweep_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30

@@ -62,6 +62,7 @@ def create_app(settings: Settings) -> FastStream:
             quiet_hours=settings.quiet_window,
             default_zone=settings.default_zone,
             margin=timedelta(milliseconds=settings.dispatch_margin_ms),
+            call_lead=timedelta(milliseconds=settings.dispatch_call_lead_ms),
             calls_in_flight=asyncio.Semaphore(settings.dispatch_concurrency),
             rate_floor=settings.sms_rate_min_per_minute,
             recovery_deliveries=settings.sms_rate_recovery_deliveries,

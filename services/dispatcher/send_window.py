@@ -25,6 +25,14 @@ two-key form, so it can never collide with a lock of another use):
    their turn). Each place is so offered to one follow-up, and in order, instead of waking
    every waiter at the first opening.
 
+Steps 2 to 4 judge the call at its own instant, `greatest(now, scheduled_time)`. The dispatcher
+takes a first call's start up to `DISPATCH_CALL_LEAD_MS` ahead of its time, so that at the instant
+only the POST is left, and it makes the call no earlier. So the call is recorded at that instant
+(`webhook_calls.called_at`, `webhook_started_at`, `lateness_ms`), while the row is calling, and its
+lease runs, from now: a cancel that commits after the start is too late, as during the call. The
+window counts every call recorded after the one that ends it, so starts taken ahead, which may be
+recorded out of their instants' order, still keep every minute within the limit.
+
 Calls that start at the same moment go through `followups_start_calls_in_turn`: one round trip
 and one transaction for the batch, the lock taken once, each follow-up's place decided by
 `followups_start_call` in the window's own order (so a batch hands out places exactly as the
@@ -57,6 +65,7 @@ CREATE OR REPLACE FUNCTION followups_start_call(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz;
+    v_at timestamptz;
     v_until timestamptz;
     v_row contractor_followup_schedules%ROWTYPE;
     v_recent timestamptz[];
@@ -81,19 +90,21 @@ BEGIN
         RETURN QUERY SELECT NULL::bigint, NULL::timestamptz, true, v_limit;
         RETURN;
     END IF;
-    SELECT g.paused_until INTO v_until FROM gateway_pause AS g WHERE g.paused_until > v_now;
+    -- the call's instant: now, or its scheduled time when the start is taken ahead of it
+    v_at := greatest(v_now, v_row.scheduled_time);
+    SELECT g.paused_until INTO v_until FROM gateway_pause AS g WHERE g.paused_until > v_at;
     IF v_until IS NULL THEN
-        -- the calls in the window: whole seconds from their counts, the second the window
-        -- starts in from the calls themselves
-        v_edge := floor(extract(epoch FROM v_now - p_window))::bigint;
+        -- the calls in the window that ends at the call's instant, and any recorded after it:
+        -- whole seconds from their counts, the second the window starts in from the calls
+        v_edge := floor(extract(epoch FROM v_at - p_window))::bigint;
         SELECT coalesce(sum(s.calls), 0) INTO v_calls
         FROM webhook_call_seconds AS s WHERE s.epoch_second > v_edge;
         v_calls := v_calls + (SELECT count(*) FROM webhook_calls AS w
-                              WHERE w.called_at > v_now - p_window
+                              WHERE w.called_at > v_at - p_window
                                 AND w.called_at < to_timestamp(v_edge + 1));
         v_free := v_limit - least(v_calls, v_limit);
         SELECT count(*),
-               count(*) FILTER (WHERE f.next_attempt_at BETWEEN v_now - p_slack AND v_now + p_slack)
+               count(*) FILTER (WHERE f.next_attempt_at BETWEEN v_at - p_slack AND v_at + p_slack)
         INTO v_ahead, v_due_ahead
         FROM contractor_followup_schedules AS f
         WHERE f.waiting_since IS NOT NULL AND f.status IN ('scheduled', 'sending')
@@ -105,7 +116,7 @@ BEGIN
             -- place is free for this follow-up, to tell when each one frees up
             SELECT coalesce(array_agg(last.called_at ORDER BY last.called_at), '{}')
             INTO v_recent
-            FROM (SELECT w.called_at FROM webhook_calls AS w WHERE w.called_at > v_now - p_window
+            FROM (SELECT w.called_at FROM webhook_calls AS w WHERE w.called_at > v_at - p_window
                   ORDER BY w.called_at DESC LIMIT v_limit) AS last;
             v_free := v_limit - cardinality(v_recent);
         END IF;
@@ -113,20 +124,20 @@ BEGIN
             DELETE FROM webhook_call_seconds AS s WHERE s.epoch_second < v_edge;
             UPDATE contractor_followup_schedules AS f
             SET calling_since = v_now, lease_until = v_now + p_lease, waiting_since = NULL,
-                webhook_started_at = coalesce(f.webhook_started_at, v_now),
+                webhook_started_at = coalesce(f.webhook_started_at, v_at),
                 lateness_ms = coalesce(f.lateness_ms,
-                                       extract(epoch FROM v_now - f.scheduled_time) * 1000)
+                                       extract(epoch FROM v_at - f.scheduled_time) * 1000)
             WHERE f.id = p_followup_id;
             RETURN QUERY
                 INSERT INTO webhook_calls (followup_id, send_key, attempt, called_at)
-                VALUES (p_followup_id, v_row.send_key, v_row.attempts, v_now)
+                VALUES (p_followup_id, v_row.send_key, v_row.attempts, v_at)
                 RETURNING webhook_calls.id, NULL::timestamptz, false, v_limit;
             RETURN;
         END IF;
         -- the v_ahead-th place to come (0 is the next): places repeat every window
         v_turn := v_ahead % v_limit;
         IF v_turn < v_free THEN
-            v_until := v_now;
+            v_until := v_at;
         ELSE
             v_until := v_recent[v_turn - v_free + 1] + p_window;
         END IF;

@@ -126,5 +126,10 @@ async def test_a_host_clock_off_the_database_still_sends_every_followup_on_time(
     assert len(calls) == FOLLOWUPS
     assert len({call.json["followup_id"] for call in receiver.calls}) == FOLLOWUPS
     assert early == [], "calls started before their time by the database's clock"
+    # The start is recorded at the call's instant; the receiver, outside the shifted clock and on
+    # the database's host, tells when the call really came.
+    due_of = {r["id"]: r["scheduled_time"].timestamp() for r in rows}
+    arrived_early = [c for c in receiver.calls if c.received_at < due_of[c.json["followup_id"]]]
+    assert arrived_early == [], "calls reached the gateway before their time"
     # A host behind the database waited for its own instant: every call late by the whole skew.
     assert statistics.median(lateness) < SKEW_SECONDS

@@ -739,6 +739,86 @@ async def test_a_call_in_the_second_the_window_starts_in_holds_its_place_until_i
     assert (await repository.start_call(claim, limit_per_minute=1, lease=LEASE)).call_id
 
 
+# ---- a call's start taken ahead of its instant --------------------------------------------------
+
+
+async def test_a_start_taken_ahead_records_the_call_at_its_scheduled_time(pool, repository):
+    contractor = await add_contractor(pool)
+    due = datetime.now(UTC) + timedelta(milliseconds=200)
+    followup_id = await add_due(pool, contractor, key="ahead", due=due)
+    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    assert slot.call_id is not None
+    started = await row(pool, followup_id)
+    called_at = await pool.fetchval(
+        "SELECT called_at FROM webhook_calls WHERE id = $1", slot.call_id
+    )
+    assert called_at == started["webhook_started_at"] == due
+    assert started["lateness_ms"] == 0
+    assert started["calling_since"] < due, "calling from the start on: a cancel is now too late"
+    assert started["lease_until"] - started["calling_since"] == LEASE
+
+
+async def test_a_start_taken_after_its_time_records_the_call_at_its_start(pool, repository):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="behind")
+    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    started = await row(pool, followup_id)
+    called_at = await pool.fetchval(
+        "SELECT called_at FROM webhook_calls WHERE id = $1", slot.call_id
+    )
+    assert called_at == started["webhook_started_at"] == started["calling_since"]
+    assert started["lateness_ms"] > 0
+
+
+async def test_a_call_recorded_at_a_later_instant_holds_its_place_for_a_start_after_it(
+    pool, repository
+):
+    """Starts taken ahead are recorded at their instants, which may come after the instant of a
+    start taken later: the window counts those too, so no minute holds more than the limit."""
+    contractor = await add_contractor(pool)
+    ahead_due = datetime.now(UTC) + timedelta(milliseconds=200)
+    ahead = await add_due(pool, contractor, key="later-instant", due=ahead_due)
+    overdue = await add_due(pool, contractor, key="earlier-instant")
+    ahead_claim, _ = await repository.claim(ahead, 1, LEASE, MARGIN)
+    overdue_claim, _ = await repository.claim(overdue, 1, LEASE, MARGIN)
+    assert (await repository.start_call(ahead_claim, limit_per_minute=1, lease=LEASE)).call_id
+    held = await repository.start_call(overdue_claim, limit_per_minute=1, lease=LEASE)
+    assert held.call_id is None
+    assert held.frees_at == ahead_due + send_window.WINDOW
+
+
+async def test_a_cancel_after_a_start_taken_ahead_is_too_late_and_the_call_waits_for_its_time(
+    pool, store, repository, timer
+):
+    contractor = await add_contractor(pool)
+    due = datetime.now(UTC) + timedelta(milliseconds=200)
+    followup_id = await add_due(pool, contractor, key="cancel-ahead", due=due)
+    received: list[datetime] = []
+
+    class Cancelling(DispatchRepository):
+        async def start_call(self, row, *, limit_per_minute, lease):
+            slot = await super().start_call(row, limit_per_minute=limit_per_minute, lease=lease)
+            await store.cancel(Reference(followup_id=followup_id), "after the start")
+            return slot
+
+    class Stamping(ScriptedGateway):
+        async def send(self, request: SmsRequest) -> GatewayResult:
+            received.append(await pool.fetchval("SELECT clock_timestamp()"))
+            return await super().send(request)
+
+    deps = dataclasses.replace(
+        make_deps(Cancelling(pool), timer, Stamping()), call_lead=timedelta(milliseconds=150)
+    )
+    await handle(timer_for(followup_id), deps)
+    sent = await row(pool, followup_id)
+    assert (sent["status"], sent["status_reason"]) == ("sent", "cancel_too_late")
+    assert sent["cancel_reason"] == "after the start"
+    [call] = received
+    assert call >= due, "started ahead, called at its time by the database's clock"
+
+
 # ---- the window's function is the module's -----------------------------------------------------
 
 

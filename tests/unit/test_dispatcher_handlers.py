@@ -277,6 +277,38 @@ async def test_the_call_place_is_free_again_while_the_outcome_is_recorded(publis
     assert publisher.events() == ["followup.sent"]
 
 
+async def test_the_call_is_started_its_lead_ahead_and_made_at_its_instant_never_before(publisher):
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+
+    def clock() -> datetime:
+        return NOW + timedelta(seconds=loop.time() - began)
+
+    due = NOW + timedelta(milliseconds=600)
+    lead = timedelta(milliseconds=500)
+    started: list[datetime] = []
+    called: list[datetime] = []
+
+    class Starting(FakeRecord):
+        async def start_call(self, row, *, limit_per_minute, lease):
+            started.append(clock())
+            return await super().start_call(row, limit_per_minute=limit_per_minute, lease=lease)
+
+    class Calling(FakeGateway):
+        async def send(self, request: SmsRequest) -> GatewayResult:
+            called.append(clock())
+            return await super().send(request)
+
+    record = Starting(_row(scheduled_time=due), _context())
+    gateway = Calling(GatewayResult(Outcome.SENT, "http_200", 200))
+    deps = dataclasses.replace(_deps(record, gateway, publisher), clock=clock, call_lead=lead)
+    await handle(_due(due - deps.margin), deps)
+    [start], [call] = started, called
+    assert due - lead <= start < due
+    assert call >= due
+    assert record.names() == ["mark_sent"]
+
+
 async def test_an_opted_out_contractor_is_skipped_without_a_call(publisher):
     record = FakeRecord(_row(), _context(sms_opt_out=True))
     gateway = FakeGateway(GatewayResult(Outcome.SENT, "http_200", 200))
