@@ -56,7 +56,7 @@ PUBLISHED = Counter(
 )
 SEND_LATENESS = Histogram(
     "followups_send_lateness_seconds",
-    "Webhook call start minus scheduled_time",
+    "Webhook POST start minus scheduled_time",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 TIMER_LATENESS = Histogram(
