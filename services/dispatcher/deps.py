@@ -37,9 +37,9 @@ class DispatcherDeps:
     default_zone: ZoneInfo
     margin: timedelta
     calls_in_flight: asyncio.Semaphore
-    # the adaptive send rate: rate_limit_per_minute is its ceiling
     # A first call's start is taken this much ahead of its instant; then only the POST is left.
     call_lead: timedelta = timedelta(0)
+    # the adaptive send rate: rate_limit_per_minute is its ceiling
     rate_floor: int = DEFAULT_MIN_PER_MINUTE
     recovery_deliveries: int = DEFAULT_RECOVERY_DELIVERIES
     resumable: ResumableClaims = field(default_factory=ResumableClaims)

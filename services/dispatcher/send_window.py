@@ -30,8 +30,9 @@ takes a first call's start up to `DISPATCH_CALL_LEAD_MS` ahead of its time, so t
 only the POST is left, and it makes the call no earlier. So the call is recorded at that instant
 (`webhook_calls.called_at`, `webhook_started_at`, `lateness_ms`), while the row is calling, and its
 lease runs, from now: a cancel that commits after the start is too late, as during the call. The
-window counts every call recorded after the one that ends it, so starts taken ahead, which may be
-recorded out of their instants' order, still keep every minute within the limit.
+count takes every call recorded since the window's start, those recorded at later instants than
+this one included, so starts taken ahead, which may be recorded out of their instants' order,
+still keep every minute within the limit.
 
 Calls that start at the same moment go through `followups_start_calls_in_turn`: one round trip
 and one transaction for the batch, the lock taken once, each follow-up's place decided by
