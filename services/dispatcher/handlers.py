@@ -5,6 +5,7 @@ A cancel or reschedule that comes while the call is under way is decided when th
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from services.dispatcher.decisions import (
@@ -197,11 +198,10 @@ async def _call(send: PreparedSend, deps: DispatcherDeps) -> None:
         deps.calls_in_flight.release()
     if made is None:
         return
-    result, call_id = made
-    if result.outcome is Outcome.SENT:
-        await settle_sent(send, result, call_id, deps)
+    if made.result.outcome is Outcome.SENT:
+        await settle_sent(send, made.result, made.call_id, deps, post_lateness=made.post_lateness)
     else:
-        await settle_unsent(send, result, call_id, deps)
+        await settle_unsent(send, made.result, made.call_id, deps)
 
 
 async def _take_place(row: Followup, deps: DispatcherDeps) -> bool:
@@ -220,9 +220,17 @@ async def _take_place(row: Followup, deps: DispatcherDeps) -> bool:
             return True
 
 
-async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> tuple[GatewayResult, int] | None:
-    """Take this follow-up's place in the send window and make the call: its result and the
-    call's id, or None when no call was made (lost, or waiting for a place)."""
+@dataclass(frozen=True)
+class _Made:
+    result: GatewayResult
+    call_id: int
+    # How late the POST left, by a clock that never reads ahead of the database's.
+    post_lateness: timedelta
+
+
+async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> _Made | None:
+    """Take this follow-up's place in the send window and make the call, or None when no call
+    was made (lost, or waiting for a place)."""
     row = send.row
     bound = log.bind(followup_id=row.id, contractor_id=row.contractor_id, attempt=row.attempts)
     slot = await deps.repository.start_call(
@@ -248,7 +256,8 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> tuple[GatewayRe
         return None
     # The exact instant, never before it: the clock never reads ahead of the database's.
     await sleep_until(row.scheduled_time, deps.clock)
-    SEND_LATENESS.observe(max(0.0, (deps.clock() - row.scheduled_time).total_seconds()))
+    post_lateness = max(timedelta(0), deps.clock() - row.scheduled_time)
+    SEND_LATENESS.observe(post_lateness.total_seconds())
     result = await deps.gateway.send(
         SmsRequest(
             phone=send.phone,
@@ -264,7 +273,7 @@ async def _call_now(send: PreparedSend, deps: DispatcherDeps) -> tuple[GatewayRe
     )
     SENDS.labels(result.outcome.value).inc()
     crash_point("after_webhook")
-    return result, place.call_id
+    return _Made(result, place.call_id, post_lateness)
 
 
 async def _wait_in_broker(

@@ -94,6 +94,7 @@ class DispatchStore(Ends, Protocol):
         row: Followup,
         *,
         call_id: int,
+        post_lateness: timedelta,
         http_status: int | None,
         sent_by: str,
         note: str | None,

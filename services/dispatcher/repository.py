@@ -81,7 +81,7 @@ _ClaimAnswer = _Claimed | None | Literal[Busy.ROW]
 
 _MARK_SENT = f"""
     SELECT r.recorded_claim_id, {row_columns("(r.sent)")}
-    FROM followups_mark_sent($1, $2, $3, $4, $5, $6, $7) AS r"""
+    FROM followups_mark_sent($1, $2, $3, $4, $5, $6, $7, $8) AS r"""
 
 # Sends recorded while a batch of them is being written wait for the next one.
 SENT_BATCH = 64
@@ -96,6 +96,7 @@ class _SentCall:
     http_status: int | None
     call_id: int
     claim_id: UUID | None
+    lateness_ms: float
 
     @staticmethod
     def arguments(batch: Sequence[_SentCall]) -> list[list[Any]]:
@@ -250,6 +251,7 @@ class DispatchRepository(OccurrenceRecord):
         row: Followup,
         *,
         call_id: int,
+        post_lateness: timedelta,
         http_status: int | None,
         sent_by: str,
         note: str | None,
@@ -260,10 +262,18 @@ class DispatchRepository(OccurrenceRecord):
         """Sent: the call, the row and its transition in one statement, and in the same
         transaction the next occurrence of a recurring follow-up, unless a cancel came during
         the call (it ends the series). The next occurrence is armed after the commit, so no
-        broker failure can undo "sent". `linger`: seconds a send with nothing to follow it may
-        wait for others to be recorded with it."""
+        broker failure can undo "sent". `post_lateness`: how late the POST left, the row's
+        lateness when later than the call's recorded start. `linger`: seconds a send with
+        nothing to follow it may wait for others to be recorded with it."""
         call = _SentCall(
-            row.id, sent_by, note, text_fallback_reason, http_status, call_id, row.claim_id
+            row.id,
+            sent_by,
+            note,
+            text_fallback_reason,
+            http_status,
+            call_id,
+            row.claim_id,
+            post_lateness.total_seconds() * 1000,
         )
         if next_occurrence is None:
             # Nothing follows: recorded with the other sends of the moment, in one statement.

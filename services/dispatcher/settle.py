@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from services.dispatcher.decisions import RetryAt, after_refusal, fleet_pause
 from services.dispatcher.deps import DispatcherDeps, PreparedSend
@@ -44,7 +45,12 @@ RECORD_LINGER_SECONDS = 0.05
 
 
 async def settle_sent(
-    send: PreparedSend, result: GatewayResult, call_id: int, deps: DispatcherDeps
+    send: PreparedSend,
+    result: GatewayResult,
+    call_id: int,
+    deps: DispatcherDeps,
+    *,
+    post_lateness: timedelta,
 ) -> None:
     row = send.row
     bound = log.bind(
@@ -58,6 +64,7 @@ async def settle_sent(
         lambda: deps.repository.mark_sent(
             row,
             call_id=call_id,
+            post_lateness=post_lateness,
             http_status=result.http_status,
             sent_by=deps.gateway.sent_by,
             note=None if real else "console sink: not delivered to a gateway",

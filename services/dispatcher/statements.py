@@ -89,13 +89,17 @@ END;
 $$;
 """
 
-# Per send: its id, sent_by, note, text fallback reason, HTTP status, webhook call id and claim
-# id. Only the claim's owner records it. A cancel or reschedule kept during the call came too
-# late: the row says so.
+# Per send: its id, sent_by, note, text fallback reason, HTTP status, webhook call id, claim id
+# and how late the POST left (ms). Only the claim's owner records it. A cancel or reschedule kept
+# during the call came too late: the row says so. The row's lateness is the later of the call's
+# recorded start and the POST's own: a start taken ahead is recorded at the instant, and the
+# POST's wake-up after it is what a reader of `lateness_ms` wants to see. Without the last array
+# (a dispatcher of the release before it) the recorded start stands.
 MARK_SENT_FUNCTION_SQL = f"""\
 CREATE OR REPLACE FUNCTION followups_mark_sent(
     p_ids bigint[], p_sent_by text[], p_notes text[], p_fallback_reasons text[],
-    p_http_statuses integer[], p_call_ids bigint[], p_claim_ids uuid[]
+    p_http_statuses integer[], p_call_ids bigint[], p_claim_ids uuid[],
+    p_lateness_ms double precision[] DEFAULT NULL
 ) RETURNS TABLE (recorded_claim_id uuid, sent contractor_followup_schedules)
 LANGUAGE plpgsql ROWS 10
 SET plan_cache_mode = force_generic_plan
@@ -104,8 +108,8 @@ BEGIN
     RETURN QUERY
     WITH done AS (
         SELECT * FROM unnest(p_ids, p_sent_by, p_notes, p_fallback_reasons, p_http_statuses,
-                             p_call_ids, p_claim_ids)
-            AS d(id, sent_by, note, fallback_reason, http_status, call_id, claim_id)),
+                             p_call_ids, p_claim_ids, p_lateness_ms)
+            AS d(id, sent_by, note, fallback_reason, http_status, call_id, claim_id, lateness_ms)),
     locked AS (
         SELECT f.id, f.status, f.claim_id FROM contractor_followup_schedules AS f
         WHERE f.id = ANY(p_ids)
@@ -131,6 +135,7 @@ BEGIN
                                THEN coalesce(f.text_source, 'template')
                                ELSE 'template' END,
             text_fallback_reason = coalesce(d.fallback_reason, f.text_fallback_reason),
+            lateness_ms = greatest(f.lateness_ms, d.lateness_ms),
             updated_at = now()
         FROM owned AS d
         WHERE f.id = d.id

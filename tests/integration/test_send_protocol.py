@@ -160,11 +160,12 @@ async def transitions(pool, followup_id: int) -> list:
     )
 
 
-def record_accepted(repository, claim, call_id: int):
+def record_accepted(repository, claim, call_id: int, post_lateness: timedelta = timedelta(0)):
     """The gateway accepted the call: record it sent, nothing to follow."""
     return repository.mark_sent(
         claim,
         call_id=call_id,
+        post_lateness=post_lateness,
         http_status=200,
         sent_by="dispatcher",
         note=None,
@@ -770,6 +771,54 @@ async def test_a_start_taken_after_its_time_records_the_call_at_its_start(pool, 
     )
     assert called_at == started["webhook_started_at"] == started["calling_since"]
     assert started["lateness_ms"] > 0
+
+
+async def test_a_post_later_than_its_start_taken_ahead_records_the_posts_lateness(pool, repository):
+    contractor = await add_contractor(pool)
+    due = datetime.now(UTC) + timedelta(milliseconds=200)
+    followup_id = await add_due(pool, contractor, key="post-late", due=due)
+    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    recorded = await record_accepted(repository, claimed, slot.call_id, timedelta(milliseconds=12))
+    assert recorded.row.lateness_ms == pytest.approx(12.0)
+    sent = await row(pool, followup_id)
+    assert sent["lateness_ms"] == pytest.approx(12.0)
+    assert sent["webhook_started_at"] == due, "the window's record stays at the instant"
+    [*_, logged] = await transitions(pool, followup_id)
+    assert logged["detail"]["lateness_ms"] == pytest.approx(12.0)
+
+
+async def test_a_start_later_than_its_post_keeps_the_starts_lateness(pool, repository):
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="start-late")
+    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    started = (await row(pool, followup_id))["lateness_ms"]
+    recorded = await record_accepted(repository, claimed, slot.call_id, timedelta(0))
+    assert recorded.row.lateness_ms == started > 0
+
+
+async def test_a_dispatcher_of_the_release_before_records_its_sends_as_it_did(pool, repository):
+    """During a rolling update a dispatcher started before the POST's lateness was recorded
+    calls the function without it."""
+    contractor = await add_contractor(pool)
+    followup_id = await add_due(pool, contractor, key="older-release")
+    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
+    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    started = (await row(pool, followup_id))["lateness_ms"]
+    recorded = await pool.fetchval(
+        "SELECT count(*) FROM followups_mark_sent($1, $2, $3, $4, $5, $6, $7)",
+        [followup_id],
+        ["dispatcher"],
+        [None],
+        [None],
+        [200],
+        [slot.call_id],
+        [claimed.claim_id],
+    )
+    assert recorded == 1
+    sent = await row(pool, followup_id)
+    assert (sent["status"], sent["lateness_ms"]) == ("sent", started)
 
 
 async def test_a_call_recorded_at_a_later_instant_holds_its_place_for_a_start_after_it(

@@ -306,7 +306,9 @@ async def test_the_call_is_started_its_lead_ahead_and_made_at_its_instant_never_
     [start], [call] = started, called
     assert due - lead <= start < due
     assert call >= due
-    assert record.names() == ["mark_sent"]
+    [(name, recorded)] = record.calls
+    assert name == "mark_sent"
+    assert timedelta(0) <= recorded["post_lateness"] <= call - due, "the POST's own lateness"
 
 
 async def test_an_opted_out_contractor_is_skipped_without_a_call(publisher):
