@@ -743,13 +743,19 @@ async def test_a_call_in_the_second_the_window_starts_in_holds_its_place_until_i
 # ---- a call's start taken ahead of its instant --------------------------------------------------
 
 
-async def test_a_start_taken_ahead_records_the_call_at_its_scheduled_time(pool, repository):
-    contractor = await add_contractor(pool)
-    due = datetime.now(UTC) + timedelta(milliseconds=200)
-    followup_id = await add_due(pool, contractor, key="ahead", due=due)
+async def start_one_call(pool, repository, key: str, due: datetime | None = None):
+    """A follow-up due at `due` (by default, already due), claimed and its call started: its
+    id, the claim and the call's slot."""
+    followup_id = await add_due(pool, await add_contractor(pool), key=key, due=due)
     claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
     slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
     assert slot.call_id is not None
+    return followup_id, claimed, slot
+
+
+async def test_a_start_taken_ahead_records_the_call_at_its_scheduled_time(pool, repository):
+    due = datetime.now(UTC) + timedelta(milliseconds=200)
+    followup_id, _, slot = await start_one_call(pool, repository, "ahead", due)
     started = await row(pool, followup_id)
     called_at = await pool.fetchval(
         "SELECT called_at FROM webhook_calls WHERE id = $1", slot.call_id
@@ -761,10 +767,7 @@ async def test_a_start_taken_ahead_records_the_call_at_its_scheduled_time(pool, 
 
 
 async def test_a_start_taken_after_its_time_records_the_call_at_its_start(pool, repository):
-    contractor = await add_contractor(pool)
-    followup_id = await add_due(pool, contractor, key="behind")
-    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
-    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    followup_id, _, slot = await start_one_call(pool, repository, "behind")
     started = await row(pool, followup_id)
     called_at = await pool.fetchval(
         "SELECT called_at FROM webhook_calls WHERE id = $1", slot.call_id
@@ -774,11 +777,8 @@ async def test_a_start_taken_after_its_time_records_the_call_at_its_start(pool, 
 
 
 async def test_a_post_later_than_its_start_taken_ahead_records_the_posts_lateness(pool, repository):
-    contractor = await add_contractor(pool)
     due = datetime.now(UTC) + timedelta(milliseconds=200)
-    followup_id = await add_due(pool, contractor, key="post-late", due=due)
-    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
-    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    followup_id, claimed, slot = await start_one_call(pool, repository, "post-late", due)
     recorded = await record_accepted(repository, claimed, slot.call_id, timedelta(milliseconds=12))
     assert recorded.row.lateness_ms == pytest.approx(12.0)
     sent = await row(pool, followup_id)
@@ -789,10 +789,7 @@ async def test_a_post_later_than_its_start_taken_ahead_records_the_posts_latenes
 
 
 async def test_a_start_later_than_its_post_keeps_the_starts_lateness(pool, repository):
-    contractor = await add_contractor(pool)
-    followup_id = await add_due(pool, contractor, key="start-late")
-    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
-    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    followup_id, claimed, slot = await start_one_call(pool, repository, "start-late")
     started = (await row(pool, followup_id))["lateness_ms"]
     recorded = await record_accepted(repository, claimed, slot.call_id, timedelta(0))
     assert recorded.row.lateness_ms == started > 0
@@ -801,10 +798,7 @@ async def test_a_start_later_than_its_post_keeps_the_starts_lateness(pool, repos
 async def test_a_dispatcher_of_the_release_before_records_its_sends_as_it_did(pool, repository):
     """During a rolling update a dispatcher started before the POST's lateness was recorded
     calls the function without it."""
-    contractor = await add_contractor(pool)
-    followup_id = await add_due(pool, contractor, key="older-release")
-    claimed, _ = await repository.claim(followup_id, 1, LEASE, MARGIN)
-    slot = await repository.start_call(claimed, limit_per_minute=100, lease=LEASE)
+    followup_id, claimed, slot = await start_one_call(pool, repository, "older-release")
     started = (await row(pool, followup_id))["lateness_ms"]
     recorded = await pool.fetchval(
         "SELECT count(*) FROM followups_mark_sent($1, $2, $3, $4, $5, $6, $7)",
